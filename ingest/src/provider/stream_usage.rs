@@ -1,0 +1,230 @@
+//! Undoes, on the client's copy of an OpenAI chat stream, what llmtap's injected
+//! `stream_options.include_usage` added upstream: the `"usage":null` member in every chunk
+//! and the final usage-only chunk (`"choices":[]` with a usage object). Everything else is
+//! forwarded byte for byte. This is the one place llmtap changes response bytes, and only
+//! for requests whose client did not ask for usage itself.
+//!
+//! Events are released as soon as their terminating blank line arrives, so the only delay
+//! is the rest of an event that is split across frames.
+
+use bytes::{Bytes, BytesMut};
+
+/// Per-stream state: bytes of an event not yet terminated.
+#[derive(Debug, Default)]
+pub struct StreamUsageStripper {
+    pending: BytesMut,
+    /// A `\r` ended the last feed; a following `\n` belongs to the same line end.
+    scan_from: usize,
+}
+
+impl StreamUsageStripper {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes a frame from upstream; returns the bytes to forward now (possibly empty).
+    pub fn push(&mut self, frame: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(frame);
+        let mut out = BytesMut::new();
+        loop {
+            let Some(end) = event_end(&self.pending, self.scan_from) else {
+                self.scan_from = self.pending.len().saturating_sub(3);
+                break;
+            };
+            let event = self.pending.split_to(end);
+            self.scan_from = 0;
+            rewrite_event(&event, &mut out);
+        }
+        out.freeze()
+    }
+
+    /// The stream ended: whatever is buffered goes out unchanged.
+    pub fn finish(&mut self) -> Bytes {
+        self.scan_from = 0;
+        self.pending.split().freeze()
+    }
+}
+
+/// Byte offset just past the blank line that ends the first complete event, if any.
+/// A blank line is two consecutive line ends, each `\n`, `\r\n` or `\r`. A lone `\r` at the
+/// very end is not decided yet (a `\n` may follow), so it is left for the next feed.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    let mut at_line_start = from == 0;
+    if from > 0 {
+        // Re-derive whether `from` starts a line.
+        at_line_start = matches!(buf.get(from - 1), Some(b'\n' | b'\r'));
+        if buf.get(from - 1) == Some(&b'\r') && buf.get(from) == Some(&b'\n') {
+            i += 1;
+        }
+    }
+    while i < buf.len() {
+        match buf[i] {
+            b'\n' | b'\r' => {
+                let len = if buf[i] == b'\r' {
+                    match buf.get(i + 1) {
+                        Some(b'\n') => 2,
+                        Some(_) => 1,
+                        None => return None,
+                    }
+                } else {
+                    1
+                };
+                if at_line_start {
+                    return Some(i + len);
+                }
+                at_line_start = true;
+                i += len;
+            }
+            _ => {
+                at_line_start = false;
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
+/// Writes `event` to `out` without the injected parts.
+fn rewrite_event(event: &[u8], out: &mut BytesMut) {
+    // Find the data payload (OpenAI sends one `data:` line per event).
+    let mut data_line: Option<(usize, usize)> = None;
+    let mut pos = 0;
+    for line in event.split_inclusive(|&b| b == b'\n' || b == b'\r') {
+        if let Some(rest) = line.strip_prefix(b"data:") {
+            let start = pos + 5 + usize::from(rest.first() == Some(&b' '));
+            let end = pos + line.len() - line.iter().rev().take_while(|b| **b == b'\n' || **b == b'\r').count();
+            if data_line.is_some() {
+                out.extend_from_slice(event); // multi-line data: not OpenAI's shape, leave it
+                return;
+            }
+            data_line = Some((start, end));
+        }
+        pos += line.len();
+    }
+    let Some((start, end)) = data_line else {
+        out.extend_from_slice(event);
+        return;
+    };
+    let data = &event[start..end];
+    if is_usage_only_chunk(data) {
+        return;
+    }
+    match find_usage_null(data) {
+        Some((a, b)) => {
+            out.extend_from_slice(&event[..start + a]);
+            out.extend_from_slice(&event[start + b..]);
+        }
+        None => out.extend_from_slice(event),
+    }
+}
+
+/// The final chunk that `include_usage` adds: empty `choices` and a usage object.
+fn is_usage_only_chunk(data: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        choices: Option<Vec<&'a serde_json::value::RawValue>>,
+        #[serde(borrow)]
+        usage: Option<&'a serde_json::value::RawValue>,
+    }
+    match serde_json::from_slice::<Probe<'_>>(data) {
+        Ok(p) => p.choices.is_some_and(|c| c.is_empty()) && p.usage.is_some_and(|u| u.get() != "null"),
+        Err(_) => false,
+    }
+}
+
+/// Span of the top-level `"usage":null` member including one adjoining comma.
+fn find_usage_null(data: &[u8]) -> Option<(usize, usize)> {
+    const NEEDLE: &[u8] = b"\"usage\":null";
+    let mut depth = 0i32;
+    let mut in_str = false;
+    let mut esc = false;
+    let mut i = 0;
+    while i < data.len() {
+        let b = data[i];
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+            i += 1;
+            continue;
+        }
+        match b {
+            b'"' => {
+                if depth == 1 && data[i..].starts_with(NEEDLE) {
+                    let after = i + NEEDLE.len();
+                    if data.get(after) == Some(&b',') {
+                        return Some((i, after + 1));
+                    }
+                    if data.get(after) == Some(&b'}') && i > 0 && data[i - 1] == b',' {
+                        return Some((i - 1, after));
+                    }
+                }
+                in_str = true;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth -= 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WITH: &[u8] = b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\\"usage\\\":null\"}}],\"usage\":null}\n\n\
+data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n\
+data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\n\
+data: [DONE]\n\n";
+    const WITHOUT: &[u8] = b"data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\\"usage\\\":null\"}}]}\n\n\
+data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+data: [DONE]\n\n";
+
+    fn run(frames: &[&[u8]]) -> Vec<u8> {
+        let mut s = StreamUsageStripper::new();
+        let mut out = Vec::new();
+        for f in frames {
+            out.extend_from_slice(&s.push(f));
+        }
+        out.extend_from_slice(&s.finish());
+        out
+    }
+
+    #[test]
+    fn strips_usage_null_and_usage_chunk_at_every_split() {
+        assert_eq!(run(&[WITH]), WITHOUT);
+        for i in 0..WITH.len() {
+            assert_eq!(run(&[&WITH[..i], &WITH[i..]]), WITHOUT, "split at {i}");
+        }
+        let singles: Vec<&[u8]> = WITH.chunks(1).collect();
+        assert_eq!(run(&singles), WITHOUT);
+    }
+
+    #[test]
+    fn crlf_streams_and_usage_first_member() {
+        let src = b"data: {\"usage\":null,\"choices\":[]}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let want = b"data: {\"choices\":[]}\r\n\r\ndata: [DONE]\r\n\r\n";
+        for i in 0..src.len() {
+            assert_eq!(run(&[&src[..i], &src[i..]]), want, "split at {i}");
+        }
+    }
+
+    #[test]
+    fn azure_prompt_filter_chunk_with_empty_choices_is_kept() {
+        let src = b"data: {\"choices\":[],\"prompt_filter_results\":[],\"usage\":null}\n\n";
+        assert_eq!(run(&[src]), b"data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n");
+    }
+
+    #[test]
+    fn unterminated_tail_is_flushed_unchanged() {
+        assert_eq!(run(&[b"data: {\"usage\":null,\"x\":1}"]), b"data: {\"usage\":null,\"x\":1}");
+    }
+}

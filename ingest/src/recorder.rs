@@ -1,0 +1,253 @@
+//! The recorder: the one consumer of finished calls. Proxy tasks hand it `PendingTrace`s
+//! through a bounded channel with `try_record` (never waits; full → drop and count). Its own
+//! OS thread estimates missing usage, prices the call, applies the capture policy, appends
+//! the record to the local log and then shows it to observers (exporters, the scorer).
+//!
+//! Shutdown: `RecorderHandle::shutdown` closes the door, drains every queued record to disk,
+//! fsyncs and joins the thread.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::capture::CapturePolicy;
+use crate::estimate::estimate_usage;
+use crate::exchange::PendingTrace;
+use crate::log::{LogConfig, SegmentWriter};
+use crate::pricing::PriceTable;
+use crate::record::{ErrorKind, TraceRecord, UsageSource};
+
+/// Sees every record after it is on disk. Runs on the recorder thread: it must not block
+/// (hand work to a bounded queue of its own).
+pub trait RecordObserver: Send {
+    fn observe(&mut self, record: &TraceRecord, pending_meta: &ObservedMeta);
+}
+
+/// Extra facts about a record that are not columns.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ObservedMeta {
+    /// `x-llmtap-score`: `Some(true)` force, `Some(false)` off.
+    pub score: Option<bool>,
+}
+
+/// Counters the recorder keeps; shared with metrics.
+#[derive(Debug, Default)]
+pub struct RecorderStats {
+    pub written: AtomicU64,
+    pub dropped_full: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub queued: AtomicU64,
+    last_drop_log: AtomicU64,
+}
+
+/// The sending side, cloned into every connection task.
+#[derive(Clone, Debug)]
+pub struct RecordSender {
+    tx: SyncSender<PendingTrace>,
+    stats: Arc<RecorderStats>,
+}
+
+impl RecordSender {
+    /// Queues a finished call without waiting. When the queue is full (or the recorder is
+    /// gone) the record is dropped, counted, and a warning is logged at most every 10 s.
+    pub fn try_record(&self, p: PendingTrace) -> bool {
+        match self.tx.try_send(p) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                let n = self.stats.dropped_full.fetch_add(1, Ordering::Relaxed) + 1;
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let last = self.stats.last_drop_log.load(Ordering::Relaxed);
+                if now >= last + 10
+                    && self.stats.last_drop_log.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+                {
+                    tracing::warn!(dropped_total = n, "trace record queue full; dropping records (raise log.channel_capacity or check the disk)");
+                }
+                false
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<RecorderStats> {
+        &self.stats
+    }
+}
+
+/// Owner of the recorder thread.
+#[derive(Debug)]
+pub struct RecorderHandle {
+    closing: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<RecorderStats>,
+}
+
+impl RecorderHandle {
+    /// Writes every record queued so far, fsyncs, and joins the thread. Records sent after
+    /// this starts may be dropped (and are counted).
+    pub fn shutdown(mut self) {
+        self.closing.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("recorder thread panicked");
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<RecorderStats> {
+        &self.stats
+    }
+}
+
+/// Everything the recorder needs to turn a pending call into a stored record.
+pub struct RecorderConfig {
+    pub log: LogConfig,
+    pub prices: Arc<PriceTable>,
+    pub capture: CapturePolicy,
+    pub observers: Vec<Box<dyn RecordObserver>>,
+}
+
+/// Starts the recorder thread writing to `<data_dir>/traces/`.
+pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(RecordSender, RecorderHandle)> {
+    let mut writer = SegmentWriter::open(data_dir, "traces", cfg.log.clone())?;
+    let (tx, rx) = mpsc::sync_channel::<PendingTrace>(cfg.log.channel_capacity.max(1));
+    let stats = Arc::new(RecorderStats::default());
+    let closing = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stats = stats.clone();
+        let closing = closing.clone();
+        let RecorderConfig { prices, capture, mut observers, .. } = cfg;
+        std::thread::Builder::new().name("llmtap-recorder".into()).spawn(move || {
+            let mut batch = Vec::with_capacity(256);
+            let mut last_err_log: Option<Instant> = None;
+            loop {
+                match rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(p) => batch.push(p),
+                    Err(RecvTimeoutError::Timeout) => {
+                        if closing.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        if let Err(e) = writer.flush().and_then(|_| writer.rotate_if_old()) {
+                            log_write_error(&mut last_err_log, &e);
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+                while batch.len() < 1024 {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                write_batch(&mut batch, &mut writer, &prices, &capture, &mut observers, &stats, &mut last_err_log);
+            }
+            // Drain what is still queued.
+            while let Ok(p) = rx.try_recv() {
+                batch.push(p);
+                if batch.len() >= 1024 {
+                    write_batch(&mut batch, &mut writer, &prices, &capture, &mut observers, &stats, &mut last_err_log);
+                }
+            }
+            write_batch(&mut batch, &mut writer, &prices, &capture, &mut observers, &stats, &mut last_err_log);
+            if let Err(e) = writer.close() {
+                log_write_error(&mut last_err_log, &e);
+            }
+        })?
+    };
+    Ok((RecordSender { tx, stats: stats.clone() }, RecorderHandle { closing, thread: Some(thread), stats }))
+}
+
+fn log_write_error(last: &mut Option<Instant>, e: &std::io::Error) {
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        tracing::error!(error = %e, "trace log write failed; records in this batch are lost");
+        *last = Some(Instant::now());
+    }
+}
+
+fn write_batch(
+    batch: &mut Vec<PendingTrace>,
+    writer: &mut SegmentWriter,
+    prices: &PriceTable,
+    capture: &CapturePolicy,
+    observers: &mut [Box<dyn RecordObserver>],
+    stats: &RecorderStats,
+    last_err_log: &mut Option<Instant>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut done = Vec::with_capacity(batch.len());
+    let mut line = Vec::with_capacity(2048);
+    for p in batch.drain(..) {
+        stats.queued.fetch_sub(1, Ordering::Relaxed);
+        let score = p.score;
+        let rec = complete_record(p, prices, capture);
+        line.clear();
+        if serde_json::to_writer(&mut line, &rec).is_err() {
+            stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        match writer.append(&line) {
+            Ok(()) => done.push((rec, ObservedMeta { score })),
+            Err(e) => {
+                stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                log_write_error(last_err_log, &e);
+            }
+        }
+    }
+    if let Err(e) = writer.flush() {
+        log_write_error(last_err_log, &e);
+    }
+    stats.written.fetch_add(done.len() as u64, Ordering::Relaxed);
+    for (rec, meta) in &done {
+        for o in observers.iter_mut() {
+            o.observe(rec, meta);
+        }
+    }
+}
+
+/// Turns a pending call into the stored record: tokens (reported or estimated), cost, bodies.
+pub fn complete_record(p: PendingTrace, prices: &PriceTable, capture: &CapturePolicy) -> TraceRecord {
+    let PendingTrace { mut record, usage, request_body, output_len, capture_bodies, .. } = p;
+    let answered = record.status > 0 && record.status < 400 && !matches!(record.error_kind, ErrorKind::UpstreamConnect);
+    let usage = match usage {
+        Some(u) => {
+            record.usage_source = UsageSource::Reported;
+            Some(u)
+        }
+        None if answered => {
+            let tool_calls: Vec<_> = record
+                .tool_calls
+                .iter()
+                .zip(&record.tool_call_args)
+                .map(|(n, a)| crate::provider::ToolCall { name: n.clone(), arguments: a.clone() })
+                .collect();
+            let u = estimate_usage(record.model(), &request_body, &record.output_text, output_len, &tool_calls);
+            record.usage_source = UsageSource::Estimated;
+            Some(u)
+        }
+        None => None,
+    };
+    if let Some(u) = usage {
+        record.input_tokens = u.input;
+        record.output_tokens = u.output;
+        record.cache_read_tokens = u.cache_read;
+        record.cache_write_tokens = u.cache_write;
+        record.reasoning_tokens = u.reasoning;
+        record.cost_usd = prices.cost(record.model(), &u);
+    }
+    if capture_bodies {
+        record.request_body = capture.apply(&request_body);
+        let out = std::mem::take(&mut record.output_text);
+        record.output_text = capture.apply_text(&out);
+    } else {
+        record.request_body.clear();
+        record.output_text.clear();
+    }
+    record
+}
