@@ -244,6 +244,12 @@ fn strip_snapshot_suffix(name: &str) -> Option<String> {
     if let Some((base, _)) = name.rsplit_once('@') {
         return Some(base.to_owned());
     }
+    // `gpt-3.5-turbo-instruct:20230824-v2`; fine-tunes (`ft:…`) keep their own names.
+    if !name.starts_with("ft:") {
+        if let Some((base, _)) = name.split_once(':') {
+            return Some(base.to_owned());
+        }
+    }
     let parts: Vec<&str> = name.split('-').collect();
     let n = parts.len();
     let digits = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit());
@@ -290,6 +296,10 @@ mod tests {
         // A mini model must not fall back to its bigger sibling's price.
         assert_ne!(t.lookup("gpt-4o-mini-2024-07-18").copied(), base);
         assert!(t.lookup("llama3.2").is_none());
+        assert_eq!(
+            t.lookup("gpt-3.5-turbo-instruct:20230824-v2").copied(),
+            t.lookup("gpt-3.5-turbo-instruct").copied()
+        );
     }
 
     #[test]

@@ -1,0 +1,181 @@
+//! `llmtap`: the sidecar binary. Wires config, the proxy and the recorder together;
+//! every decision lives in the library modules.
+
+mod admin;
+mod body;
+mod config;
+mod forward;
+mod route;
+mod server;
+mod tap;
+mod upstream;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use llmtap_ingest::stats::{self, GroupBy};
+
+use crate::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(name = "llmtap", version, about = "Transparent tracing proxy for LLM APIs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Config file (TOML).
+    #[arg(long, env = "LLMTAP_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Local data directory (traces/, scores/, …).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar proxy.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Proxy listen address.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Admin listen address (health, readiness).
+        #[arg(long)]
+        admin_listen: Option<String>,
+    },
+    /// Summaries per model, app and route from the local trace log.
+    Stats {
+        #[command(flatten)]
+        common: Common,
+        /// Group by (repeatable or comma-separated); default: model, app and route.
+        #[arg(long, value_delimiter = ',')]
+        by: Vec<By>,
+        /// Only calls newer than this (e.g. 30m, 6h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// How many tool paths to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config and print the effective one.
+    Check {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum By {
+    Model,
+    App,
+    Route,
+}
+
+fn llmtap_env() -> Vec<(String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with("LLMTAP_")).collect()
+}
+
+fn load(common: &Common, listen: Option<String>, admin_listen: Option<String>) -> anyhow::Result<(Config, Vec<(String, String)>)> {
+    let env = llmtap_env();
+    let flags = Overrides { listen, admin_listen, data_dir: common.data_dir.clone() };
+    let cfg = Config::load(common.config.as_deref(), &env, &flags)?;
+    Ok((cfg, env))
+}
+
+fn parse_since(s: &str) -> anyhow::Result<u64> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--since {s:?}: expected a number and a unit (s, m, h, d)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => anyhow::bail!("--since {s:?}: unit must be s, m, h or d"),
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    Ok(now.saturating_sub(Duration::from_secs(secs)).as_millis() as u64)
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { common, listen, admin_listen } => {
+            let (cfg, env) = load(&common, listen, admin_listen)?;
+            let validated = cfg.validate(&env)?;
+            init_tracing(&validated.raw.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
+            rt.block_on(server::serve(validated, server::shutdown_signal()))
+        }
+        Command::Stats { common, by, since, top, json } => {
+            let (cfg, _) = load(&common, None, None)?;
+            let by: Vec<GroupBy> = if by.is_empty() {
+                vec![GroupBy::Model, GroupBy::App, GroupBy::Route]
+            } else {
+                by.into_iter().map(|b| match b {
+                    By::Model => GroupBy::Model,
+                    By::App => GroupBy::App,
+                    By::Route => GroupBy::Route,
+                }).collect()
+            };
+            let since_ms = since.as_deref().map(parse_since).transpose()?;
+            let (report, bad) = stats::from_local_log(&cfg.data_dir, &by, since_ms, top)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg.data_dir.join("traces").display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if bad > 0 {
+                eprintln!("llmtap stats: skipped {bad} lines that are not trace records");
+            }
+            Ok(())
+        }
+        Command::Check { common } => {
+            let (cfg, env) = load(&common, None, None)?;
+            let v = cfg.validate(&env)?;
+            println!("# effective llmtap config (defaults < file < LLMTAP_* environment < flags)");
+            print!("{}", toml::to_string_pretty(&v.raw)?);
+            println!("\n# routes (longest prefix wins)");
+            for r in v.routes.routes() {
+                let prefixes: Vec<&str> = r.prefixes.iter().map(|p| p.path.as_str()).collect();
+                println!(
+                    "#   {:<10} {:<24} -> {}://{}{}  adapter={}",
+                    r.name,
+                    prefixes.join(" "),
+                    r.upstream.scheme,
+                    r.upstream.authority,
+                    r.upstream.base_path,
+                    r.adapter
+                );
+            }
+            println!("# price table: {} models (as of {})", v.prices.len(), v.prices.as_of);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llmtap: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Listeners and lifecycle: the proxy listener (HTTP/1.1 and h2c by prior knowledge), the
+//! admin listener, and graceful shutdown: stop accepting, let in-flight calls finish within
+//! the grace period, then drain every record to disk.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use llmtap_ingest::recorder::{spawn_recorder, RecorderConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::config::ValidatedConfig;
+use crate::forward::Proxy;
+use crate::upstream::build_client;
+
+/// Runs `serve` until `shutdown` resolves. Returns after every record is on disk.
+pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen = {:?}: cannot bind: {e}", cfg.raw.listen))?;
+    let admin_listener = TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin_listen = {:?}: cannot bind: {e}", cfg.raw.admin_listen))?;
+    let proxy_addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let (recorder_tx, recorder) = spawn_recorder(
+        &cfg.raw.data_dir,
+        RecorderConfig { log: cfg.raw.log.clone(), prices: cfg.prices.clone(), capture: cfg.capture.clone(), observers: Vec::new() },
+    )
+    .map_err(|e| anyhow::anyhow!("data_dir = {:?}: cannot open the trace log: {e}", cfg.raw.data_dir.display().to_string()))?;
+
+    let client = build_client(&cfg.raw.client, cfg.connect_timeout)?;
+    let proxy = Arc::new(Proxy {
+        routes: cfg.routes.clone(),
+        client,
+        recorder: recorder_tx.clone(),
+        first_byte_timeout: cfg.first_byte_timeout,
+        idle_timeout: cfg.idle_timeout,
+        max_request_body: cfg.raw.client.max_request_body_bytes,
+        capture_bodies: cfg.capture.bodies == llmtap_ingest::capture::BodyCapture::All,
+        limits: llmtap_ingest::ExchangeLimits { text_cap: cfg.capture.max_body_bytes.max(64 * 1024), ..Default::default() },
+    });
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let admin_state = Arc::new(AdminState { ready: ready.clone(), recorder: recorder_tx.stats().clone(), data_dir: cfg.raw.data_dir.clone() });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
+
+    tracing::info!(%proxy_addr, %admin_addr, data_dir = %cfg.raw.data_dir.display(), routes = ?cfg.routes.describe_prefixes(), "llmtap serving");
+    // One line on stdout for scripts that start llmtap on port 0.
+    println!("llmtap listening on {proxy_addr} (admin {admin_addr})");
+
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let proxy = proxy.clone();
+                let svc = service_fn(move |req| proxy.clone().handle(req));
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    ready.store(false, Ordering::SeqCst);
+    tracing::info!(grace_secs = cfg.shutdown_grace.as_secs(), "shutting down: finishing in-flight calls");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("in-flight calls finished"),
+        () = tokio::time::sleep(cfg.shutdown_grace) => tracing::warn!("grace period over; calls still open are cut"),
+    }
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    drop(proxy);
+    drop(recorder_tx);
+    let stats = recorder.stats().clone();
+    tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
+    tracing::info!(
+        written = stats.written.load(Ordering::Relaxed),
+        dropped = stats.dropped_full.load(Ordering::Relaxed),
+        "trace log flushed; bye"
+    );
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
