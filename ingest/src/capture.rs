@@ -31,7 +31,12 @@ pub struct CaptureConfig {
 
 impl Default for CaptureConfig {
     fn default() -> Self {
-        CaptureConfig { bodies: BodyCapture::All, max_body_bytes: 64 * 1024, redact: Vec::new(), inline_data_min_bytes: 512 }
+        CaptureConfig {
+            bodies: BodyCapture::All,
+            max_body_bytes: 64 * 1024,
+            redact: Vec::new(),
+            inline_data_min_bytes: 512,
+        }
     }
 }
 
@@ -64,7 +69,9 @@ impl CaptureConfig {
             .redact
             .iter()
             .enumerate()
-            .map(|(index, p)| Regex::new(p).map_err(|source| CaptureError::Redact { index, pattern: p.clone(), source }))
+            .map(|(index, p)| {
+                Regex::new(p).map_err(|source| CaptureError::Redact { index, pattern: p.clone(), source })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let min = self.inline_data_min_bytes;
         if !(16..=1_000_000).contains(&min) {
@@ -143,7 +150,8 @@ mod tests {
 
     #[test]
     fn redaction_and_cap() {
-        let cfg = CaptureConfig { redact: vec![r"\b\d{3}-\d{2}-\d{4}\b".into()], max_body_bytes: 24, ..Default::default() };
+        let cfg =
+            CaptureConfig { redact: vec![r"\b\d{3}-\d{2}-\d{4}\b".into()], max_body_bytes: 24, ..Default::default() };
         let Ok(p) = cfg.validate() else { panic!("valid policy") };
         assert_eq!(p.apply(b"ssn 123-45-6789 ok"), "ssn [REDACTED] ok");
         assert_eq!(p.apply("ééééééééééééééééééééé".as_bytes()), "éééééééééééé");

@@ -20,15 +20,11 @@ impl ContentDecoder {
         let enc = encoding.map(|e| e.trim().to_ascii_lowercase());
         Some(match enc.as_deref() {
             None | Some("") | Some("identity") => ContentDecoder::Identity,
-            Some("gzip") | Some("x-gzip") => {
-                ContentDecoder::Gzip(Box::new(flate2::write::GzDecoder::new(Vec::new())))
+            Some("gzip") | Some("x-gzip") => ContentDecoder::Gzip(Box::new(flate2::write::GzDecoder::new(Vec::new()))),
+            Some("deflate") => ContentDecoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(Vec::new()))),
+            Some("br") => {
+                ContentDecoder::Brotli(Box::new(brotli_decompressor::DecompressorWriter::new(Vec::new(), 4096)))
             }
-            Some("deflate") => {
-                ContentDecoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(Vec::new())))
-            }
-            Some("br") => ContentDecoder::Brotli(Box::new(
-                brotli_decompressor::DecompressorWriter::new(Vec::new(), 4096),
-            )),
             Some("zstd") => match zstd::stream::write::Decoder::new(Vec::new()) {
                 Ok(d) => ContentDecoder::Zstd(Box::new(d)),
                 Err(_) => return None,

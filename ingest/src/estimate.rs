@@ -28,9 +28,16 @@ const REPLY_PRIMING: u64 = 3;
 
 /// Estimates usage from the request body and the model's output.
 /// `output_text` may be a prefix of `output_len` bytes; its count is scaled up.
-pub fn estimate_usage(model: &str, request_body: &[u8], output_text: &str, output_len: usize, tool_calls: &[ToolCall]) -> Usage {
+pub fn estimate_usage(
+    model: &str,
+    request_body: &[u8],
+    output_text: &str,
+    output_len: usize,
+    tool_calls: &[ToolCall],
+) -> Usage {
     let (prompt, messages) = prompt_text(request_body);
-    let input = if prompt.is_empty() { 0 } else { count_tokens(model, &prompt) + messages * PER_MESSAGE + REPLY_PRIMING };
+    let input =
+        if prompt.is_empty() { 0 } else { count_tokens(model, &prompt) + messages * PER_MESSAGE + REPLY_PRIMING };
     let mut output = count_tokens(model, output_text);
     if output_len > output_text.len() && !output_text.is_empty() {
         output = (output as f64 * output_len as f64 / output_text.len() as f64).round() as u64;
@@ -74,7 +81,10 @@ fn collect_text(v: &serde_json::Value, out: &mut String) {
         serde_json::Value::Object(o) => {
             for (k, x) in o {
                 // Structure and binary payloads are not prompt text.
-                if matches!(k.as_str(), "role" | "type" | "image_url" | "data" | "mimeType" | "media_type" | "id" | "cache_control") {
+                if matches!(
+                    k.as_str(),
+                    "role" | "type" | "image_url" | "data" | "mimeType" | "media_type" | "id" | "cache_control"
+                ) {
                     continue;
                 }
                 collect_text(x, out);

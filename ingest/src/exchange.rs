@@ -83,7 +83,10 @@ pub struct Exchange {
 
 impl std::fmt::Debug for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Exchange").field("trace_id", &self.meta.trace_id).field("status", &self.status).finish_non_exhaustive()
+        f.debug_struct("Exchange")
+            .field("trace_id", &self.meta.trace_id)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
     }
 }
 

@@ -139,7 +139,11 @@ impl SegmentWriter {
     /// Closes the open segment if it is older than the age limit (called on idle ticks so
     /// a quiet process still seals its segments).
     pub fn rotate_if_old(&mut self) -> io::Result<()> {
-        if self.current.as_ref().is_some_and(|o| o.opened.elapsed() >= Duration::from_secs(self.cfg.segment_max_age_secs)) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|o| o.opened.elapsed() >= Duration::from_secs(self.cfg.segment_max_age_secs))
+        {
             self.close()?;
         }
         Ok(())
@@ -163,7 +167,8 @@ impl SegmentWriter {
         self.seq += 1;
         let path = self.dir.join(format!("{ms:013}-{}-{:06}.ndjson", std::process::id(), self.seq));
         let file = OpenOptions::new().create_new(true).append(true).open(&path)?;
-        self.current = Some(Open { file: BufWriter::with_capacity(64 * 1024, file), path, size: 0, opened: Instant::now() });
+        self.current =
+            Some(Open { file: BufWriter::with_capacity(64 * 1024, file), path, size: 0, opened: Instant::now() });
         Ok(())
     }
 
@@ -248,7 +253,7 @@ mod tests {
         w.close().unwrap();
         let segs = list_segments(&tmp.path().join("traces")).unwrap();
         assert_eq!(segs.len(), 3, "{segs:?}"); // 8 bytes a line, two lines a segment
-        // A crash mid-line:
+                                               // A crash mid-line:
         std::fs::OpenOptions::new().append(true).open(&segs[2]).unwrap().write_all(b"{\"n\":9").unwrap();
         let _w = SegmentWriter::open(tmp.path(), "traces", cfg).unwrap();
         let mut lines = Vec::new();

@@ -108,7 +108,8 @@ impl PriceTable {
         let mut t = Self::embedded();
         if let Some(p) = path {
             let name = p.display().to_string();
-            let text = std::fs::read_to_string(p).map_err(|source| PricingError::Read { path: name.clone(), source })?;
+            let text =
+                std::fs::read_to_string(p).map_err(|source| PricingError::Read { path: name.clone(), source })?;
             t.merge_json(&text, &name)?;
         }
         Ok(t)
@@ -135,7 +136,11 @@ impl PriceTable {
             let n = own.models.len();
             for (name, e) in own.models {
                 if e.input < 0.0 || e.output < 0.0 {
-                    return Err(PricingError::Entry { path: path.into(), model: name, reason: "negative price".into() });
+                    return Err(PricingError::Entry {
+                        path: path.into(),
+                        model: name,
+                        reason: "negative price".into(),
+                    });
                 }
                 let price = Price {
                     input: e.input * scale,
@@ -261,7 +266,13 @@ fn strip_snapshot_suffix(name: &str) -> Option<String> {
     }
     if n >= 2 {
         let last = parts[n - 1];
-        if digits(last, 8) || digits(last, 3) || digits(last, 4) || last == "latest" || last == "preview" || last == "exp" {
+        if digits(last, 8)
+            || digits(last, 3)
+            || digits(last, 4)
+            || last == "latest"
+            || last == "preview"
+            || last == "exp"
+        {
             return Some(parts[..n - 1].join("-"));
         }
     }

@@ -125,6 +125,12 @@ impl Facts {
     }
 }
 
+/// A body or event that is not the JSON the provider's format promises. Recorded as
+/// `parse_error`; never returned to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed provider JSON")]
+pub struct MalformedBody;
+
 /// Read-only view of the request an adapter sees.
 #[derive(Clone, Copy, Debug)]
 pub struct RequestView<'a> {
@@ -150,9 +156,9 @@ pub trait Protocol: Send {
     /// Handles one SSE event or one element of a JSON-array stream. Returns whether it
     /// carried model content (text or a tool-call token): the first such one is TTFT.
     /// `Err` marks a parse error; later events are still handled.
-    fn on_stream_event(&mut self, event: &str, data: &str, facts: &mut Facts) -> Result<bool, ()>;
+    fn on_stream_event(&mut self, event: &str, data: &str, facts: &mut Facts) -> Result<bool, MalformedBody>;
     /// Handles a complete non-streaming JSON body.
-    fn on_json_body(&mut self, body: &[u8], facts: &mut Facts) -> Result<(), ()>;
+    fn on_json_body(&mut self, body: &[u8], facts: &mut Facts) -> Result<(), MalformedBody>;
     /// Called once after the response ended.
     fn finish(&mut self, _facts: &mut Facts) {}
 }
@@ -163,7 +169,11 @@ enum Framing {
     Sse(SseParser),
     JsonArray(JsonArraySplitter),
     /// Whole body kept (up to a cap) and parsed at the end.
-    Json { buf: Vec<u8>, cap: usize, overflow: bool },
+    Json {
+        buf: Vec<u8>,
+        cap: usize,
+        overflow: bool,
+    },
     /// Nothing to parse (an error status with a non-JSON body, say).
     Ignore,
 }
@@ -189,14 +199,9 @@ impl Adapter {
         let protocol: Box<dyn Protocol> = match kind {
             ProviderKind::OpenAi => Box::new(OpenAiProtocol::default()),
             ProviderKind::Anthropic => Box::new(AnthropicProtocol::default()),
-            ProviderKind::Gemini => Box::new(GeminiProtocol::default()),
+            ProviderKind::Gemini => Box::new(GeminiProtocol),
         };
-        Adapter {
-            protocol,
-            framing: Framing::Pending,
-            json_cap,
-            facts: Facts { text_cap, ..Facts::default() },
-        }
+        Adapter { protocol, framing: Framing::Pending, json_cap, facts: Facts { text_cap, ..Facts::default() } }
     }
 
     /// Request hook: fills request facts, may return a rewritten body to forward.
@@ -206,25 +211,22 @@ impl Adapter {
 
     /// Response head hook: picks the framing from the content type.
     pub fn on_response_head(&mut self, status: u16, headers: &HeaderMap) {
-        let ctype = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_ascii_lowercase();
+        let ctype =
+            headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
         self.framing = if ctype.starts_with("text/event-stream") {
             self.facts.streamed = true;
             Framing::Sse(SseParser::new())
         } else if ctype.contains("json") || ctype.is_empty() {
             if self.facts.streamed && status < 300 && self.facts.operation == Operation::GenerateContent {
+                // Gemini's `streamGenerateContent` without `alt=sse`: a JSON array, streamed.
                 Framing::JsonArray(JsonArraySplitter::new())
             } else {
-                // A JSON answer to a streaming request (an error, say) is not a stream.
-                if status >= 300 {
-                    self.facts.streamed = self.facts.streamed && status < 300;
-                }
+                // A JSON answer is not a stream, even to a streaming request (an error, say).
+                self.facts.streamed = false;
                 Framing::Json { buf: Vec::new(), cap: self.json_cap, overflow: false }
             }
         } else {
+            self.facts.streamed = false;
             Framing::Ignore
         };
     }
@@ -235,15 +237,17 @@ impl Adapter {
         let mut content = false;
         match framing {
             Framing::Pending | Framing::Ignore => {}
-            Framing::Sse(p) => p.feed(data, |ev: &SseEvent| match protocol.on_stream_event(&ev.event, &ev.data, facts) {
-                Ok(c) => content |= c,
-                Err(()) => facts.parse_error = true,
-            }),
+            Framing::Sse(p) => {
+                p.feed(data, |ev: &SseEvent| match protocol.on_stream_event(&ev.event, &ev.data, facts) {
+                    Ok(c) => content |= c,
+                    Err(MalformedBody) => facts.parse_error = true,
+                })
+            }
             Framing::JsonArray(s) => s.feed(data, |el| {
                 let text = String::from_utf8_lossy(el);
                 match protocol.on_stream_event("", &text, facts) {
                     Ok(c) => content |= c,
-                    Err(()) => facts.parse_error = true,
+                    Err(MalformedBody) => facts.parse_error = true,
                 }
             }),
             Framing::Json { buf, cap, overflow } => {
@@ -264,9 +268,8 @@ impl Adapter {
         match framing {
             Framing::Json { buf, overflow, .. } => {
                 if complete && !buf.is_empty() {
-                    if overflow {
-                        self.facts.parse_error = true;
-                    } else if self.protocol.on_json_body(&buf, &mut self.facts).is_err() {
+                    // A body past the parse cap cannot be read whole: its facts are unknown.
+                    if overflow || self.protocol.on_json_body(&buf, &mut self.facts).is_err() {
                         self.facts.parse_error = true;
                     } else {
                         self.facts.saw_final = true;
@@ -289,9 +292,9 @@ impl Adapter {
     }
 }
 
-/// Parses JSON into `T`, mapping any error to `Err(())` (the caller records a parse error).
-pub(crate) fn parse_json<'a, T: Deserialize<'a>>(s: &'a [u8]) -> Result<T, ()> {
-    serde_json::from_slice(s).map_err(|_| ())
+/// Parses JSON into `T`; any error is a `MalformedBody` (the caller records a parse error).
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(s: &'a [u8]) -> Result<T, MalformedBody> {
+    serde_json::from_slice(s).map_err(|_| MalformedBody)
 }
 
 /// Deserialises `null` as the default value.

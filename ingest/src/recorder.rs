@@ -64,9 +64,16 @@ impl RecordSender {
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
                 let last = self.stats.last_drop_log.load(Ordering::Relaxed);
                 if now >= last + 10
-                    && self.stats.last_drop_log.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+                    && self
+                        .stats
+                        .last_drop_log
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
                 {
-                    tracing::warn!(dropped_total = n, "trace record queue full; dropping records (raise log.channel_capacity or check the disk)");
+                    tracing::warn!(
+                        dropped_total = n,
+                        "trace record queue full; dropping records (raise log.channel_capacity or check the disk)"
+                    );
                 }
                 false
             }

@@ -119,10 +119,9 @@ impl SseParser {
                 self.current.event.clear();
                 self.current.event.push_str(&String::from_utf8_lossy(value));
             }
-            b"id" => {
-                if !value.contains(&0) {
-                    self.current.id = Some(String::from_utf8_lossy(value).into_owned());
-                }
+            // An id holding NUL is ignored, as the spec says.
+            b"id" if !value.contains(&0) => {
+                self.current.id = Some(String::from_utf8_lossy(value).into_owned());
             }
             _ => {} // `retry` and unknown fields carry nothing llmtap records.
         }
@@ -146,14 +145,7 @@ mod tests {
     fn all_line_endings_and_comments() {
         let src = b": keep-alive\ndata: a\r\n\r\nevent: x\rdata: b\r\rdata:c\n\n";
         let got = parse_all(&[src]);
-        assert_eq!(
-            got,
-            vec![
-                (String::new(), "a".into()),
-                ("x".into(), "b".into()),
-                (String::new(), "c".into())
-            ]
-        );
+        assert_eq!(got, vec![(String::new(), "a".into()), ("x".into(), "b".into()), (String::new(), "c".into())]);
     }
 
     #[test]

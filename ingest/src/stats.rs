@@ -94,7 +94,12 @@ pub struct StatsBuilder {
 
 impl StatsBuilder {
     pub fn new(by: &[GroupBy]) -> Self {
-        StatsBuilder { by: by.to_vec(), accs: by.iter().map(|_| HashMap::new()).collect(), paths: HashMap::new(), records: 0 }
+        StatsBuilder {
+            by: by.to_vec(),
+            accs: by.iter().map(|_| HashMap::new()).collect(),
+            paths: HashMap::new(),
+            records: 0,
+        }
     }
 
     pub fn add(&mut self, r: &TraceRecord) {
@@ -144,7 +149,8 @@ impl StatsBuilder {
             rows.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| a.key.cmp(&b.key)));
             groups.insert(g.as_str().to_owned(), rows);
         }
-        let mut tool_paths: Vec<ToolPathRow> = self.paths.into_iter().map(|(path, calls)| ToolPathRow { path, calls }).collect();
+        let mut tool_paths: Vec<ToolPathRow> =
+            self.paths.into_iter().map(|(path, calls)| ToolPathRow { path, calls }).collect();
         tool_paths.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.path.cmp(&b.path)));
         tool_paths.truncate(top_paths);
         StatsReport { records: self.records, groups, tool_paths }
@@ -164,7 +170,12 @@ pub fn quantile(v: &mut [f64], q: f64) -> f64 {
 }
 
 /// Reads `<data_dir>/traces/*.ndjson`; lines that do not parse are counted, not fatal.
-pub fn from_local_log(data_dir: &Path, by: &[GroupBy], since_ms: Option<u64>, top_paths: usize) -> std::io::Result<(StatsReport, u64)> {
+pub fn from_local_log(
+    data_dir: &Path,
+    by: &[GroupBy],
+    since_ms: Option<u64>,
+    top_paths: usize,
+) -> std::io::Result<(StatsReport, u64)> {
     let mut b = StatsBuilder::new(by);
     let mut bad = 0u64;
     crate::log::for_each_line(&data_dir.join("traces"), |_, line| match serde_json::from_str::<TraceRecord>(line) {
@@ -191,17 +202,38 @@ impl StatsReport {
             let _ = writeln!(
                 out,
                 "{:<28} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>11}",
-                format!("by {by}"), "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "ttft p50", "ttft p95",
-                "input tok", "output tok", "cached", "reasoning", "cost usd"
+                format!("by {by}"),
+                "requests",
+                "errors",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "ttft p50",
+                "ttft p95",
+                "input tok",
+                "output tok",
+                "cached",
+                "reasoning",
+                "cost usd"
             );
             for r in rows {
                 let key = if r.key.is_empty() { "(none)" } else { r.key.as_str() };
                 let _ = writeln!(
                     out,
                     "{:<28} {:>8} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10} {:>9} {:>9} {:>11.6}",
-                    truncate(key, 28), r.requests, r.errors, r.duration_p50_ms, r.duration_p95_ms, r.duration_p99_ms,
-                    r.ttft_p50_ms, r.ttft_p95_ms, r.input_tokens, r.output_tokens, r.cache_read_tokens,
-                    r.reasoning_tokens, r.cost_usd
+                    truncate(key, 28),
+                    r.requests,
+                    r.errors,
+                    r.duration_p50_ms,
+                    r.duration_p95_ms,
+                    r.duration_p99_ms,
+                    r.ttft_p50_ms,
+                    r.ttft_p95_ms,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.cache_read_tokens,
+                    r.reasoning_tokens,
+                    r.cost_usd
                 );
             }
             out.push('\n');

@@ -2,6 +2,8 @@
 //! `expect` block exactly, whole and with the response re-split at every byte boundary,
 //! and the bytes handed back for the client are the upstream's bytes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -9,7 +11,9 @@ use http::{HeaderMap, HeaderValue};
 use llmtap_ingest::capture::CaptureConfig;
 use llmtap_ingest::pricing::PriceTable;
 use llmtap_ingest::recorder::complete_record;
-use llmtap_ingest::{CallMeta, ErrorKind, Exchange, ExchangeLimits, ProviderKind, RequestOptions, RequestView, TraceRecord};
+use llmtap_ingest::{
+    CallMeta, ErrorKind, Exchange, ExchangeLimits, ProviderKind, RequestOptions, RequestView, TraceRecord,
+};
 use llmtap_testkit::{all_cases, fixtures_dir, Case};
 use serde_json::Value;
 
@@ -40,8 +44,15 @@ fn run(case: &Case, frames: &[&[u8]]) -> (TraceRecord, Vec<u8>) {
     let headers = HeaderMap::new();
     let view = RequestView { method: &case.method, path: &up_path, query: &query, headers: &headers, body: &body };
     let meta = CallMeta { trace_id: "t".into(), capture_bodies: true, ..CallMeta::default() };
-    let (mut ex, rewritten) =
-        Exchange::start(meta, kind, Instant::now(), &view, Bytes::from(body.clone()), RequestOptions { inject_stream_usage: false }, ExchangeLimits::default());
+    let (mut ex, rewritten) = Exchange::start(
+        meta,
+        kind,
+        Instant::now(),
+        &view,
+        Bytes::from(body.clone()),
+        RequestOptions { inject_stream_usage: false },
+        ExchangeLimits::default(),
+    );
     assert!(rewritten.is_none());
     let mut rh = HeaderMap::new();
     for (k, v) in &case.response.headers {
@@ -145,7 +156,8 @@ fn stream_without_usage_is_estimated_with_tiktoken() {
     let body = case.body(&dir, name).unwrap();
     let (rec, _) = run(&case, &[&body]);
     assert_eq!(rec.usage_source, llmtap_ingest::UsageSource::Estimated);
-    let output = llmtap_ingest::estimate::count_tokens(&rec.request_model, case.expect["output_text"].as_str().unwrap());
+    let output =
+        llmtap_ingest::estimate::count_tokens(&rec.request_model, case.expect["output_text"].as_str().unwrap());
     assert!(output > 0);
     assert_eq!(rec.output_tokens, output);
     assert!(rec.input_tokens > 0);

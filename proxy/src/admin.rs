@@ -35,7 +35,8 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" => {
             let listener = state.ready.load(Ordering::SeqCst);
             let traces = state.data_dir.join("traces");
-            let log_writable = std::fs::metadata(&traces).map(|m| m.is_dir() && !m.permissions().readonly()).unwrap_or(false);
+            let log_writable =
+                std::fs::metadata(&traces).map(|m| m.is_dir() && !m.permissions().readonly()).unwrap_or(false);
             let ok = listener && log_writable;
             let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             json(

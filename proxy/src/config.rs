@@ -163,13 +163,18 @@ impl Config {
 
     /// Checks every value; the first problem found is returned with its key.
     pub fn validate(&self, env: &[(String, String)]) -> Result<ValidatedConfig, ConfigError> {
-        let listen: SocketAddr =
-            self.listen.parse().map_err(|_| ConfigError::invalid("listen", format!("{:?}", self.listen), "not a socket address (host:port)"))?;
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            ConfigError::invalid("listen", format!("{:?}", self.listen), "not a socket address (host:port)")
+        })?;
         let admin_listen: SocketAddr = self.admin_listen.parse().map_err(|_| {
             ConfigError::invalid("admin_listen", format!("{:?}", self.admin_listen), "not a socket address (host:port)")
         })?;
         if admin_listen == listen && listen.port() != 0 {
-            return Err(ConfigError::invalid("admin_listen", format!("{:?}", self.admin_listen), "must differ from listen"));
+            return Err(ConfigError::invalid(
+                "admin_listen",
+                format!("{:?}", self.admin_listen),
+                "must differ from listen",
+            ));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data_dir", "\"\"", "must not be empty"));
@@ -193,7 +198,11 @@ impl Config {
             return Err(ConfigError::invalid("log.channel_capacity", 0, "must be greater than 0"));
         }
         if !c.extra_ca_file.is_empty() && !Path::new(&c.extra_ca_file).is_file() {
-            return Err(ConfigError::invalid("client.extra_ca_file", format!("{:?}", c.extra_ca_file), "file not found"));
+            return Err(ConfigError::invalid(
+                "client.extra_ca_file",
+                format!("{:?}", c.extra_ca_file),
+                "file not found",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
             return Err(ConfigError::invalid("log_level", format!("{:?}", self.log_level), "not a valid log filter"));
@@ -264,7 +273,11 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
         for seg in &path[..path.len() - 1] {
             let entry = t.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             let toml::Value::Table(next) = entry else {
-                return Err(ConfigError::invalid(path[..path.len() - 1].join("."), entry.to_string(), "must be a table"));
+                return Err(ConfigError::invalid(
+                    path[..path.len() - 1].join("."),
+                    entry.to_string(),
+                    "must be a table",
+                ));
             };
             t = next;
         }
@@ -359,7 +372,10 @@ mod tests {
         assert_eq!(err, "LLMTAP_CLIENT_CONNECT_TIMEOUT_MS = \"soon\": expected an integer");
 
         let cfg = Config { listen: "localhost".into(), ..Config::default() };
-        assert_eq!(cfg.validate(&[]).unwrap_err().to_string(), "listen = \"localhost\": not a socket address (host:port)");
+        assert_eq!(
+            cfg.validate(&[]).unwrap_err().to_string(),
+            "listen = \"localhost\": not a socket address (host:port)"
+        );
 
         let mut cfg = Config::default();
         cfg.capture.redact = vec!["(".into()];

@@ -35,8 +35,16 @@ pub struct Proxy {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
@@ -148,7 +156,10 @@ impl Proxy {
         let query = parts.uri.query().map(str::to_owned);
 
         let Some(m) = self.routes.route(&path, query.as_deref()) else {
-            let msg = format!("llmtap: no route for path {path}; configured prefixes: {}", self.routes.describe_prefixes().join(", "));
+            let msg = format!(
+                "llmtap: no route for path {path}; configured prefixes: {}",
+                self.routes.describe_prefixes().join(", ")
+            );
             return Ok(error_response(StatusCode::NOT_FOUND, "no_route", &msg, None));
         };
         let route = m.route;
@@ -161,7 +172,8 @@ impl Proxy {
         let mut overhead = started.elapsed();
 
         // The request body: bounded; LLM requests are small JSON, and the adapter needs it whole.
-        let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let declared =
+            parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         let body_bytes = if declared.is_some_and(|n| n > self.max_request_body as u64) {
             Err(ErrorKind::BodyTooLarge)
         } else {
@@ -175,12 +187,35 @@ impl Proxy {
         let body_bytes = match body_bytes {
             Ok(b) => b,
             Err(kind) => {
-                let view = RequestView { method: parts.method.as_str(), path: &m.upstream_path, query: query.as_deref().unwrap_or(""), headers: &parts.headers, body: &[] };
-                let (ex, _) = Exchange::start(meta, route.adapter, started, &view, Bytes::new(), RequestOptions::default(), self.limits);
+                let view = RequestView {
+                    method: parts.method.as_str(),
+                    path: &m.upstream_path,
+                    query: query.as_deref().unwrap_or(""),
+                    headers: &parts.headers,
+                    body: &[],
+                };
+                let (ex, _) = Exchange::start(
+                    meta,
+                    route.adapter,
+                    started,
+                    &view,
+                    Bytes::new(),
+                    RequestOptions::default(),
+                    self.limits,
+                );
                 let (status, msg) = if kind == ErrorKind::BodyTooLarge {
-                    (StatusCode::PAYLOAD_TOO_LARGE, format!("llmtap: request body is larger than the limit of {} bytes (client.max_request_body_bytes)", self.max_request_body))
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "llmtap: request body is larger than the limit of {} bytes (client.max_request_body_bytes)",
+                            self.max_request_body
+                        ),
+                    )
                 } else {
-                    (StatusCode::BAD_REQUEST, "llmtap: the client closed the connection while sending the request body".to_owned())
+                    (
+                        StatusCode::BAD_REQUEST,
+                        "llmtap: the client closed the connection while sending the request body".to_owned(),
+                    )
                 };
                 self.recorder.try_record(ex.finish(kind, status.as_u16()));
                 return Ok(error_response(status, kind.as_str(), &msg, Some(&trace_id)));
@@ -195,7 +230,8 @@ impl Proxy {
             body: &body_bytes,
         };
         let opts = RequestOptions { inject_stream_usage: route.inject_stream_usage };
-        let (mut exchange, rewritten) = Exchange::start(meta, route.adapter, started, &view, body_bytes.clone(), opts, self.limits);
+        let (mut exchange, rewritten) =
+            Exchange::start(meta, route.adapter, started, &view, body_bytes.clone(), opts, self.limits);
 
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
@@ -225,9 +261,23 @@ impl Proxy {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 let (kind, msg) = if e.is_connect() {
-                    (ErrorKind::UpstreamConnect, format!("llmtap: could not connect to the upstream of route {}: {}", route.name, error_chain(&e)))
+                    (
+                        ErrorKind::UpstreamConnect,
+                        format!(
+                            "llmtap: could not connect to the upstream of route {}: {}",
+                            route.name,
+                            error_chain(&e)
+                        ),
+                    )
                 } else {
-                    (ErrorKind::UpstreamReset, format!("llmtap: the upstream of route {} closed the connection: {}", route.name, error_chain(&e)))
+                    (
+                        ErrorKind::UpstreamReset,
+                        format!(
+                            "llmtap: the upstream of route {} closed the connection: {}",
+                            route.name,
+                            error_chain(&e)
+                        ),
+                    )
                 };
                 tracing::debug!(route = %route.name, error = %msg, "upstream request failed");
                 self.recorder.try_record(exchange.finish(kind, StatusCode::BAD_GATEWAY.as_u16()));
@@ -239,8 +289,14 @@ impl Proxy {
                     route.name,
                     self.first_byte_timeout.as_millis()
                 );
-                self.recorder.try_record(exchange.finish(ErrorKind::UpstreamTimeout, StatusCode::GATEWAY_TIMEOUT.as_u16()));
-                return Ok(error_response(StatusCode::GATEWAY_TIMEOUT, ErrorKind::UpstreamTimeout.as_str(), &msg, Some(&trace_id)));
+                self.recorder
+                    .try_record(exchange.finish(ErrorKind::UpstreamTimeout, StatusCode::GATEWAY_TIMEOUT.as_u16()));
+                return Ok(error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ErrorKind::UpstreamTimeout.as_str(),
+                    &msg,
+                    Some(&trace_id),
+                ));
             }
         };
 

@@ -84,7 +84,11 @@ fn llmtap_env() -> Vec<(String, String)> {
     std::env::vars().filter(|(k, _)| k.starts_with("LLMTAP_")).collect()
 }
 
-fn load(common: &Common, listen: Option<String>, admin_listen: Option<String>) -> anyhow::Result<(Config, Vec<(String, String)>)> {
+fn load(
+    common: &Common,
+    listen: Option<String>,
+    admin_listen: Option<String>,
+) -> anyhow::Result<(Config, Vec<(String, String)>)> {
     let env = llmtap_env();
     let flags = Overrides { listen, admin_listen, data_dir: common.data_dir.clone() };
     let cfg = Config::load(common.config.as_deref(), &env, &flags)?;
@@ -93,7 +97,8 @@ fn load(common: &Common, listen: Option<String>, admin_listen: Option<String>) -
 
 fn parse_since(s: &str) -> anyhow::Result<u64> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("--since {s:?}: expected a number and a unit (s, m, h, d)"))?;
+    let n: u64 =
+        num.parse().map_err(|_| anyhow::anyhow!("--since {s:?}: expected a number and a unit (s, m, h, d)"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -126,11 +131,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let by: Vec<GroupBy> = if by.is_empty() {
                 vec![GroupBy::Model, GroupBy::App, GroupBy::Route]
             } else {
-                by.into_iter().map(|b| match b {
-                    By::Model => GroupBy::Model,
-                    By::App => GroupBy::App,
-                    By::Route => GroupBy::Route,
-                }).collect()
+                by.into_iter()
+                    .map(|b| match b {
+                        By::Model => GroupBy::Model,
+                        By::App => GroupBy::App,
+                        By::Route => GroupBy::Route,
+                    })
+                    .collect()
             };
             let since_ms = since.as_deref().map(parse_since).transpose()?;
             let (report, bad) = stats::from_local_log(&cfg.data_dir, &by, since_ms, top)

@@ -110,7 +110,11 @@ fn parse_upstream(key: &str, raw: &str) -> Result<Upstream, ConfigError> {
     if uri.query().is_some() {
         return Err(bad("URL must not have a query"));
     }
-    let authority = if raw.contains("{resource}") { auth.as_str().replace("resource", "{resource}") } else { auth.as_str().to_owned() };
+    let authority = if raw.contains("{resource}") {
+        auth.as_str().replace("resource", "{resource}")
+    } else {
+        auth.as_str().to_owned()
+    };
     Ok(Upstream { scheme, authority, base_path: uri.path().trim_end_matches('/').to_owned() })
 }
 
@@ -121,12 +125,20 @@ fn env_name(route: &str) -> String {
 impl RouteTable {
     /// Built-ins, then `[[route]]` entries (overriding built-ins by name), then the
     /// `LLMTAP_UPSTREAM_<ROUTE>` variables in `env`.
-    pub fn build(configured: &[RouteConfig], env: &[(String, String)], inject_default: bool) -> Result<Self, ConfigError> {
+    pub fn build(
+        configured: &[RouteConfig],
+        env: &[(String, String)],
+        inject_default: bool,
+    ) -> Result<Self, ConfigError> {
         let mut merged = builtin();
         for (i, rc) in configured.iter().enumerate() {
             let key = |f: &str| format!("route[{i}].{f}");
             if rc.name.is_empty() || !rc.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(ConfigError::invalid(key("name"), format!("{:?}", rc.name), "must be non-empty letters, digits, '-' or '_'"));
+                return Err(ConfigError::invalid(
+                    key("name"),
+                    format!("{:?}", rc.name),
+                    "must be non-empty letters, digits, '-' or '_'",
+                ));
             }
             match merged.iter_mut().find(|m| m.name == rc.name) {
                 Some(m) => {
@@ -151,7 +163,11 @@ impl RouteTable {
                         return Err(ConfigError::invalid(key("prefix"), "(missing)", "a new route needs a prefix"));
                     }
                     if rc.upstream.is_none() {
-                        return Err(ConfigError::invalid(key("upstream"), "(missing)", "a new route needs an upstream URL"));
+                        return Err(ConfigError::invalid(
+                            key("upstream"),
+                            "(missing)",
+                            "a new route needs an upstream URL",
+                        ));
                     }
                     merged.push(rc.clone());
                 }
@@ -172,11 +188,16 @@ impl RouteTable {
             })?;
             let prefix = rc.prefix.clone().unwrap_or_default();
             if !prefix.starts_with('/') || prefix.contains(['?', '#']) {
-                return Err(ConfigError::invalid(ctx("prefix"), format!("{prefix:?}"), "must start with '/' and hold no query"));
+                return Err(ConfigError::invalid(
+                    ctx("prefix"),
+                    format!("{prefix:?}"),
+                    "must start with '/' and hold no query",
+                ));
             }
             let prefix = if prefix == "/" { prefix } else { prefix.trim_end_matches('/').to_owned() };
             let azure = rc.name == "azure";
-            let mut prefixes = vec![Prefix { path: prefix, strip: rc.strip_prefix.unwrap_or(true), resource_segment: azure }];
+            let mut prefixes =
+                vec![Prefix { path: prefix, strip: rc.strip_prefix.unwrap_or(true), resource_segment: azure }];
             if rc.name == "openai" {
                 // OPENAI_BASE_URL=http://host:8080/v1 works unchanged: `/v1/...` is forwarded as is.
                 prefixes.push(Prefix { path: "/v1".into(), strip: false, resource_segment: false });
@@ -201,7 +222,7 @@ impl RouteTable {
                 azure,
             });
         }
-        table.index.sort_by(|a, b| b.0.path.len().cmp(&a.0.path.len()));
+        table.index.sort_by_key(|(p, _)| std::cmp::Reverse(p.path.len()));
         Ok(table)
     }
 
@@ -250,7 +271,12 @@ impl RouteTable {
                 None => upstream_path.clone(),
             };
             let authority: Authority = authority.parse().ok()?;
-            let uri = Uri::builder().scheme(route.upstream.scheme.clone()).authority(authority).path_and_query(pq).build().ok()?;
+            let uri = Uri::builder()
+                .scheme(route.upstream.scheme.clone())
+                .authority(authority)
+                .path_and_query(pq)
+                .build()
+                .ok()?;
             return Some(RouteMatch { route, uri, upstream_path });
         }
         None
@@ -273,16 +299,29 @@ mod tests {
     #[test]
     fn builtin_routes() {
         let t = table(&[], &[]);
-        assert_eq!(target(&t, "/v1/chat/completions", None), Some(("openai".into(), "https://api.openai.com/v1/chat/completions".into())));
-        assert_eq!(target(&t, "/openai/v1/responses", None), Some(("openai".into(), "https://api.openai.com/v1/responses".into())));
-        assert_eq!(target(&t, "/anthropic/v1/messages", None), Some(("anthropic".into(), "https://api.anthropic.com/v1/messages".into())));
+        assert_eq!(
+            target(&t, "/v1/chat/completions", None),
+            Some(("openai".into(), "https://api.openai.com/v1/chat/completions".into()))
+        );
+        assert_eq!(
+            target(&t, "/openai/v1/responses", None),
+            Some(("openai".into(), "https://api.openai.com/v1/responses".into()))
+        );
+        assert_eq!(
+            target(&t, "/anthropic/v1/messages", None),
+            Some(("anthropic".into(), "https://api.anthropic.com/v1/messages".into()))
+        );
         assert_eq!(
             target(&t, "/gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent", Some("alt=sse")),
             Some(("gemini".into(), "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse".into()))
         );
         assert_eq!(
             target(&t, "/azure/myres/openai/deployments/gpt4o/chat/completions", Some("api-version=2024-10-21")),
-            Some(("azure".into(), "https://myres.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21".into()))
+            Some((
+                "azure".into(),
+                "https://myres.openai.azure.com/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21"
+                    .into()
+            ))
         );
         assert_eq!(target(&t, "/v10/x", None), None);
         assert_eq!(target(&t, "/other", None), None);
@@ -291,30 +330,77 @@ mod tests {
     #[test]
     fn configured_routes_env_overrides_and_longest_prefix() {
         let cfg = vec![
-            RouteConfig { name: "vllm".into(), prefix: Some("/vllm".into()), upstream: Some("http://10.0.0.5:8000/v1".into()), ..Default::default() },
-            RouteConfig { name: "openai-eu".into(), prefix: Some("/openai/eu".into()), upstream: Some("https://eu.example".into()), ..Default::default() },
+            RouteConfig {
+                name: "vllm".into(),
+                prefix: Some("/vllm".into()),
+                upstream: Some("http://10.0.0.5:8000/v1".into()),
+                ..Default::default()
+            },
+            RouteConfig {
+                name: "openai-eu".into(),
+                prefix: Some("/openai/eu".into()),
+                upstream: Some("https://eu.example".into()),
+                ..Default::default()
+            },
         ];
-        let t = table(&cfg, &[("LLMTAP_UPSTREAM_OPENAI", "http://127.0.0.1:9000"), ("LLMTAP_UPSTREAM_AZURE", "http://127.0.0.1:9001")]);
-        assert_eq!(target(&t, "/vllm/chat/completions", None), Some(("vllm".into(), "http://10.0.0.5:8000/v1/chat/completions".into())));
+        let t = table(
+            &cfg,
+            &[("LLMTAP_UPSTREAM_OPENAI", "http://127.0.0.1:9000"), ("LLMTAP_UPSTREAM_AZURE", "http://127.0.0.1:9001")],
+        );
+        assert_eq!(
+            target(&t, "/vllm/chat/completions", None),
+            Some(("vllm".into(), "http://10.0.0.5:8000/v1/chat/completions".into()))
+        );
         assert_eq!(target(&t, "/openai/eu/v1/x", None), Some(("openai-eu".into(), "https://eu.example/v1/x".into())));
         assert_eq!(target(&t, "/v1/models", None), Some(("openai".into(), "http://127.0.0.1:9000/v1/models".into())));
         assert_eq!(
             target(&t, "/azure/r1/openai/deployments/d/chat/completions", None),
             Some(("azure".into(), "http://127.0.0.1:9001/openai/deployments/d/chat/completions".into()))
         );
-        assert_eq!(t.describe_prefixes(), vec!["/anthropic", "/azure/<resource>", "/gemini", "/openai", "/openai/eu", "/v1", "/vllm"]);
+        assert_eq!(
+            t.describe_prefixes(),
+            vec!["/anthropic", "/azure/<resource>", "/gemini", "/openai", "/openai/eu", "/v1", "/vllm"]
+        );
     }
 
     #[test]
     fn bad_routes_name_the_key() {
         let env: Vec<(String, String)> = vec![];
-        let cfg = vec![RouteConfig { name: "x".into(), prefix: Some("/x".into()), upstream: Some("ftp://h".into()), ..Default::default() }];
-        assert_eq!(RouteTable::build(&cfg, &env, true).unwrap_err().to_string(), "route x: upstream = \"ftp://h\": scheme must be http or https");
-        let cfg = vec![RouteConfig { name: "x".into(), prefix: Some("/x".into()), upstream: Some("http://h".into()), adapter: Some("cohere".into()), ..Default::default() }];
-        assert_eq!(RouteTable::build(&cfg, &env, true).unwrap_err().to_string(), "route x: adapter = \"cohere\": expected openai, anthropic or gemini");
-        let cfg = vec![RouteConfig { name: "y".into(), prefix: Some("/v1".into()), upstream: Some("http://h".into()), ..Default::default() }];
-        assert_eq!(RouteTable::build(&cfg, &env, true).unwrap_err().to_string(), "route y: prefix = \"/v1\": already used by route openai");
+        let cfg = vec![RouteConfig {
+            name: "x".into(),
+            prefix: Some("/x".into()),
+            upstream: Some("ftp://h".into()),
+            ..Default::default()
+        }];
+        assert_eq!(
+            RouteTable::build(&cfg, &env, true).unwrap_err().to_string(),
+            "route x: upstream = \"ftp://h\": scheme must be http or https"
+        );
+        let cfg = vec![RouteConfig {
+            name: "x".into(),
+            prefix: Some("/x".into()),
+            upstream: Some("http://h".into()),
+            adapter: Some("cohere".into()),
+            ..Default::default()
+        }];
+        assert_eq!(
+            RouteTable::build(&cfg, &env, true).unwrap_err().to_string(),
+            "route x: adapter = \"cohere\": expected openai, anthropic or gemini"
+        );
+        let cfg = vec![RouteConfig {
+            name: "y".into(),
+            prefix: Some("/v1".into()),
+            upstream: Some("http://h".into()),
+            ..Default::default()
+        }];
+        assert_eq!(
+            RouteTable::build(&cfg, &env, true).unwrap_err().to_string(),
+            "route y: prefix = \"/v1\": already used by route openai"
+        );
         let env = vec![("LLMTAP_UPSTREAM_GEMINI".to_string(), "nope".to_string())];
-        assert_eq!(RouteTable::build(&[], &env, true).unwrap_err().to_string(), "LLMTAP_UPSTREAM_GEMINI = \"nope\": not a URL");
+        assert_eq!(
+            RouteTable::build(&[], &env, true).unwrap_err().to_string(),
+            "LLMTAP_UPSTREAM_GEMINI = \"nope\": not a URL"
+        );
     }
 }

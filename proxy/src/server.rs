@@ -33,9 +33,16 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
 
     let (recorder_tx, recorder) = spawn_recorder(
         &cfg.raw.data_dir,
-        RecorderConfig { log: cfg.raw.log.clone(), prices: cfg.prices.clone(), capture: cfg.capture.clone(), observers: Vec::new() },
+        RecorderConfig {
+            log: cfg.raw.log.clone(),
+            prices: cfg.prices.clone(),
+            capture: cfg.capture.clone(),
+            observers: Vec::new(),
+        },
     )
-    .map_err(|e| anyhow::anyhow!("data_dir = {:?}: cannot open the trace log: {e}", cfg.raw.data_dir.display().to_string()))?;
+    .map_err(|e| {
+        anyhow::anyhow!("data_dir = {:?}: cannot open the trace log: {e}", cfg.raw.data_dir.display().to_string())
+    })?;
 
     let client = build_client(&cfg.raw.client, cfg.connect_timeout)?;
     let proxy = Arc::new(Proxy {
@@ -46,11 +53,18 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         idle_timeout: cfg.idle_timeout,
         max_request_body: cfg.raw.client.max_request_body_bytes,
         capture_bodies: cfg.capture.bodies == llmtap_ingest::capture::BodyCapture::All,
-        limits: llmtap_ingest::ExchangeLimits { text_cap: cfg.capture.max_body_bytes.max(64 * 1024), ..Default::default() },
+        limits: llmtap_ingest::ExchangeLimits {
+            text_cap: cfg.capture.max_body_bytes.max(64 * 1024),
+            ..Default::default()
+        },
     });
 
     let ready = Arc::new(AtomicBool::new(true));
-    let admin_state = Arc::new(AdminState { ready: ready.clone(), recorder: recorder_tx.stats().clone(), data_dir: cfg.raw.data_dir.clone() });
+    let admin_state = Arc::new(AdminState {
+        ready: ready.clone(),
+        recorder: recorder_tx.stats().clone(),
+        data_dir: cfg.raw.data_dir.clone(),
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
 

@@ -45,7 +45,14 @@ pub struct TapBody {
 }
 
 impl TapBody {
-    pub fn new(inner: Incoming, exchange: Exchange, recorder: RecordSender, idle_timeout: Duration, rewrites: bool, status: u16) -> Self {
+    pub fn new(
+        inner: Incoming,
+        exchange: Exchange,
+        recorder: RecordSender,
+        idle_timeout: Duration,
+        rewrites: bool,
+        status: u16,
+    ) -> Self {
         TapBody {
             inner,
             exchange: Some(exchange),

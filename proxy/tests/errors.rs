@@ -1,5 +1,7 @@
 //! Every failure path: what the client receives and the record written.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 mod common;
 
 use std::io::{Read, Write};
@@ -41,7 +43,10 @@ async fn unreachable_upstream_is_502_upstream_connect() {
     let r = post_json(&env.client, &env.llmtap.url("/dead/v1/chat/completions"), &[], &chat(false)).await;
     assert_llmtap_error(&r, 502, "upstream_connect");
     let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
-    assert_eq!((rec["status"].as_u64(), rec["error_kind"].as_str(), rec["route"].as_str()), (Some(502), Some("upstream_connect"), Some("dead")));
+    assert_eq!(
+        (rec["status"].as_u64(), rec["error_kind"].as_str(), rec["route"].as_str()),
+        (Some(502), Some("upstream_connect"), Some("dead"))
+    );
     assert_eq!(rec["usage_source"], "none");
     assert_eq!(rec["request_model"], "gpt-4o");
 }
@@ -50,7 +55,13 @@ async fn unreachable_upstream_is_502_upstream_connect() {
 async fn timeouts_are_504_before_the_head_and_cut_the_stream_after_it() {
     let env = start("[client]\nfirst_byte_timeout_ms = 300\nidle_timeout_ms = 300\n").await;
     let t = Instant::now();
-    let r = post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &[("x-mock-first-byte-delay-ms", "3000")], &chat(false)).await;
+    let r = post_json(
+        &env.client,
+        &env.llmtap.url("/v1/chat/completions"),
+        &[("x-mock-first-byte-delay-ms", "3000")],
+        &chat(false),
+    )
+    .await;
     assert!(t.elapsed() < Duration::from_millis(2500));
     assert_llmtap_error(&r, 504, "upstream_timeout");
     let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
@@ -103,8 +114,16 @@ async fn oversized_bodies_are_413_with_or_without_content_length() {
 async fn upstream_error_statuses_pass_through_unchanged() {
     let env = start("").await;
     for status in ["400", "429", "500", "503"] {
-        let direct = post_json(&env.client, &format!("{}/v1/chat/completions", env.mock.url()), &[("x-mock-status", status)], &chat(false)).await;
-        let r = post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &[("x-mock-status", status)], &chat(false)).await;
+        let direct = post_json(
+            &env.client,
+            &format!("{}/v1/chat/completions", env.mock.url()),
+            &[("x-mock-status", status)],
+            &chat(false),
+        )
+        .await;
+        let r =
+            post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &[("x-mock-status", status)], &chat(false))
+                .await;
         assert_eq!(r.status.as_str(), status);
         assert_eq!(r.body, direct.body);
         assert!(r.headers.get("x-llmtap-error").is_none());
@@ -189,7 +208,13 @@ async fn malformed_upstream_json_passes_through_and_is_parse_error() {
     let dir = llmtap_testkit::fixtures_dir();
     let case = llmtap_testkit::Case::load(&dir, "openai/chat_stream_malformed").unwrap();
     let body = case.body(&dir, "openai/chat_stream_malformed").unwrap();
-    let r = post_json(&env.client, &env.llmtap.url(&case.path), &[("x-mock-fixture", "openai/chat_stream_malformed")], &case.request).await;
+    let r = post_json(
+        &env.client,
+        &env.llmtap.url(&case.path),
+        &[("x-mock-fixture", "openai/chat_stream_malformed")],
+        &case.request,
+    )
+    .await;
     assert_eq!(r.body.as_ref(), body.as_slice());
     let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
     assert_eq!(rec["error_kind"], "parse_error");

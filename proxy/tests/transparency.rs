@@ -2,6 +2,8 @@
 //! every provider fixture through the real binary, OpenAI usage injection invisible at every
 //! byte split, compressed bodies, h2c, metadata headers and secrets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
 mod common;
 
 use common::*;
@@ -17,12 +19,20 @@ async fn every_fixture_passes_through_unchanged_with_an_exact_record() {
         let case = Case::load(&dir, &name).unwrap();
         let body = case.body(&dir, &name).unwrap();
         for chunk in ["0", "7"] {
-            let headers = [("authorization", "Bearer sk-test-secret"), ("x-mock-fixture", name.as_str()), ("x-mock-chunk-bytes", chunk)];
+            let headers = [
+                ("authorization", "Bearer sk-test-secret"),
+                ("x-mock-fixture", name.as_str()),
+                ("x-mock-chunk-bytes", chunk),
+            ];
             let r = post_json(&env.client, &env.llmtap.url(&case.path), &headers, &case.request).await;
             assert_eq!(r.status.as_u16(), case.response.status, "{name}");
             assert_eq!(r.body.as_ref(), body.as_slice(), "{name}: body bytes differ");
             for (k, v) in &case.response.headers {
-                assert_eq!(r.headers.get(k.as_str()).and_then(|h| h.to_str().ok()), Some(v.as_str()), "{name}: header {k}");
+                assert_eq!(
+                    r.headers.get(k.as_str()).and_then(|h| h.to_str().ok()),
+                    Some(v.as_str()),
+                    "{name}: header {k}"
+                );
             }
             let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
             check_expect(&name, &case.expect, &rec);
@@ -32,7 +42,11 @@ async fn every_fixture_passes_through_unchanged_with_an_exact_record() {
         }
     }
     let seen = env.mock.last_request().unwrap();
-    assert_eq!(seen.headers.get("authorization").map(String::as_str), Some("Bearer sk-test-secret"), "auth is forwarded");
+    assert_eq!(
+        seen.headers.get("authorization").map(String::as_str),
+        Some("Bearer sk-test-secret"),
+        "auth is forwarded"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +68,8 @@ async fn injected_stream_usage_is_invisible_to_the_client_at_every_split() {
     assert!(n > direct.body.len());
     for at in 0..=n {
         let at_s = at.to_string();
-        let r = post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &[("x-mock-split-at", &at_s)], &req).await;
+        let r =
+            post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &[("x-mock-split-at", &at_s)], &req).await;
         assert_eq!(r.body, direct.body, "split at {at}");
         assert!(r.headers.get("content-length").is_none());
     }
@@ -93,7 +108,12 @@ async fn compressed_bodies_reach_the_client_compressed_and_are_still_parsed() {
         let r = post_json(
             &env.client,
             &env.llmtap.url(&case.path),
-            &[("x-mock-fixture", name), ("x-mock-gzip", "1"), ("x-mock-chunk-bytes", "13"), ("accept-encoding", "gzip")],
+            &[
+                ("x-mock-fixture", name),
+                ("x-mock-gzip", "1"),
+                ("x-mock-chunk-bytes", "13"),
+                ("accept-encoding", "gzip"),
+            ],
             &case.request,
         )
         .await;
@@ -150,9 +170,18 @@ async fn metadata_headers_fill_the_record_and_never_reach_the_upstream() {
     assert!(!text.contains("sk-ant-secret") && !text.contains("secret-cookie"));
     let seen = env.mock.last_request().unwrap();
     assert!(seen.headers.keys().all(|k| !k.starts_with("x-llmtap-")), "{:?}", seen.headers.keys());
-    assert_eq!(seen.headers.get("traceparent").map(String::as_str), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+    assert_eq!(
+        seen.headers.get("traceparent").map(String::as_str),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    );
 
-    let r = post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &[("x-llmtap-user", "hdr-user"), ("x-llmtap-capture", "none")], &req).await;
+    let r = post_json(
+        &env.client,
+        &env.llmtap.url("/v1/chat/completions"),
+        &[("x-llmtap-user", "hdr-user"), ("x-llmtap-capture", "none")],
+        &req,
+    )
+    .await;
     let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
     assert_eq!(rec["user_id"], "hdr-user");
     assert_eq!((rec["request_body"].as_str(), rec["output_text"].as_str()), (Some(""), Some("")));
@@ -167,7 +196,13 @@ async fn capture_redacts_caps_and_replaces_images() {
         {"type": "text", "text": "my ssn is 123-45-6789"},
         {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{img}")}}
     ]}]});
-    let r = post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &[("x-mock-content", "key sk-abc123 here")], &req).await;
+    let r = post_json(
+        &env.client,
+        &env.llmtap.url("/v1/chat/completions"),
+        &[("x-mock-content", "key sk-abc123 here")],
+        &req,
+    )
+    .await;
     let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
     let body = rec["request_body"].as_str().unwrap();
     assert!(body.contains("my ssn is [REDACTED]"), "{body}");

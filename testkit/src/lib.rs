@@ -181,7 +181,10 @@ impl hyper::body::Body for FeedBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
             Poll::Ready(Some(Err(e))) => {
@@ -263,17 +266,25 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<FeedB
 
     if let Some(status) = header_u64(&h, "x-mock-status") {
         let code = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = format!(r#"{{"error":{{"message":"mock error {status}","type":"mock_error","param":null,"code":"{status}"}}}}"#);
+        let body = format!(
+            r#"{{"error":{{"message":"mock error {status}","type":"mock_error","param":null,"code":"{status}"}}}}"#
+        );
         return Ok(json_response(code, body));
     }
 
     let (status, headers, frames) = if let Some(name) = header_str(&h, "x-mock-fixture") {
         match Case::load(&st.fixtures, name).and_then(|c| c.body(&st.fixtures, name).map(|b| (c, b))) {
             Ok((case, bytes)) => {
-                let frames = split_frames(bytes, header_u64(&h, "x-mock-chunk-bytes"), header_u64(&h, "x-mock-split-at"));
+                let frames =
+                    split_frames(bytes, header_u64(&h, "x-mock-chunk-bytes"), header_u64(&h, "x-mock-split-at"));
                 (case.response.status, case.response.headers, frames)
             }
-            Err(e) => return Ok(json_response(StatusCode::NOT_FOUND, serde_json::json!({"error": e.to_string()}).to_string())),
+            Err(e) => {
+                return Ok(json_response(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": e.to_string()}).to_string(),
+                ))
+            }
         }
     } else if path.ends_with("/chat/completions") {
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -382,14 +393,20 @@ pub fn generate_chat(req: &serde_json::Value, h: &HeaderMap) -> (&'static str, V
     let finish = if tools.is_empty() { "stop" } else { "tool_calls" };
     if !stream {
         let message = if tools.is_empty() {
-            format!(r#"{{"role":"assistant","content":{},"refusal":null,"annotations":[]}}"#, serde_json::to_string(&content).unwrap_or_default())
+            format!(
+                r#"{{"role":"assistant","content":{},"refusal":null,"annotations":[]}}"#,
+                serde_json::to_string(&content).unwrap_or_default()
+            )
         } else {
             let calls: Vec<String> = tools
                 .iter()
                 .enumerate()
                 .map(|(i, n)| format!(r#"{{"id":"call_{i}","type":"function","function":{{"name":{},"arguments":"{{\"arg\":{i}}}"}}}}"#, serde_json::to_string(n).unwrap_or_default()))
                 .collect();
-            format!(r#"{{"role":"assistant","content":null,"tool_calls":[{}],"refusal":null,"annotations":[]}}"#, calls.join(","))
+            format!(
+                r#"{{"role":"assistant","content":null,"tool_calls":[{}],"refusal":null,"annotations":[]}}"#,
+                calls.join(",")
+            )
         };
         let body = format!(
             r#"{{"id":"chatcmpl-mock","object":"chat.completion","created":1700000000,"model":{model},"choices":[{{"index":0,"message":{message},"logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage},"service_tier":"default","system_fingerprint":"fp_mock"}}"#
@@ -416,7 +433,10 @@ pub fn generate_chat(req: &serde_json::Value, h: &HeaderMap) -> (&'static str, V
                 "null",
             ));
             for piece in [r#"{\"ar"#.to_owned(), r#"g\":"#.to_owned(), format!("{i}}}")] {
-                frames.push(chunk(&format!(r#"{{"tool_calls":[{{"index":{i},"function":{{"arguments":"{piece}"}}}}]}}"#), "null"));
+                frames.push(chunk(
+                    &format!(r#"{{"tool_calls":[{{"index":{i},"function":{{"arguments":"{piece}"}}}}]}}"#),
+                    "null",
+                ));
             }
         }
     }
@@ -445,7 +465,10 @@ mod tests {
     #[test]
     fn stream_with_usage_differs_only_by_usage() {
         let h = HeaderMap::new();
-        let with = generate_chat(&serde_json::json!({"model":"m","stream":true,"stream_options":{"include_usage":true}}), &h).1.concat();
+        let with =
+            generate_chat(&serde_json::json!({"model":"m","stream":true,"stream_options":{"include_usage":true}}), &h)
+                .1
+                .concat();
         let without = generate_chat(&serde_json::json!({"model":"m","stream":true}), &h).1.concat();
         let with = String::from_utf8(with).unwrap();
         let without = String::from_utf8(without).unwrap();

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{null_default, parse_json, Facts, Protocol, RequestOptions, RequestView, ToolCall, Usage};
+use super::{null_default, parse_json, Facts, MalformedBody, Protocol, RequestOptions, RequestView, ToolCall, Usage};
 use crate::record::Operation;
 
 #[derive(Debug, Default)]
@@ -179,7 +179,7 @@ impl Protocol for AnthropicProtocol {
         None
     }
 
-    fn on_stream_event(&mut self, _event: &str, data: &str, facts: &mut Facts) -> Result<bool, ()> {
+    fn on_stream_event(&mut self, _event: &str, data: &str, facts: &mut Facts) -> Result<bool, MalformedBody> {
         let ev: Event<'_> = parse_json(data.as_bytes())?;
         let mut content = false;
         match ev.kind.as_ref() {
@@ -260,7 +260,7 @@ impl Protocol for AnthropicProtocol {
         Ok(content)
     }
 
-    fn on_json_body(&mut self, body: &[u8], facts: &mut Facts) -> Result<(), ()> {
+    fn on_json_body(&mut self, body: &[u8], facts: &mut Facts) -> Result<(), MalformedBody> {
         let m: MessageObj<'_> = parse_json(body)?;
         if let Some(id) = m.id {
             facts.response_id = id.into_owned();

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{null_default, parse_json, Facts, Protocol, RequestOptions, RequestView, ToolCall, Usage};
+use super::{null_default, parse_json, Facts, MalformedBody, Protocol, RequestOptions, RequestView, ToolCall, Usage};
 use crate::record::Operation;
 
 #[derive(Debug, Default)]
@@ -173,12 +173,12 @@ impl Protocol for GeminiProtocol {
         None
     }
 
-    fn on_stream_event(&mut self, _event: &str, data: &str, facts: &mut Facts) -> Result<bool, ()> {
+    fn on_stream_event(&mut self, _event: &str, data: &str, facts: &mut Facts) -> Result<bool, MalformedBody> {
         let c: Chunk<'_> = parse_json(data.as_bytes())?;
         Ok(self.apply(c, facts))
     }
 
-    fn on_json_body(&mut self, body: &[u8], facts: &mut Facts) -> Result<(), ()> {
+    fn on_json_body(&mut self, body: &[u8], facts: &mut Facts) -> Result<(), MalformedBody> {
         let c: Chunk<'_> = parse_json(body)?;
         self.apply(c, facts);
         Ok(())

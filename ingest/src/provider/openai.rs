@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use super::{null_default, parse_json, Facts, Protocol, RequestOptions, RequestView, ToolCall, Usage};
+use super::{null_default, parse_json, Facts, MalformedBody, Protocol, RequestOptions, RequestView, ToolCall, Usage};
 use crate::record::Operation;
 
 #[derive(Debug, Default)]
@@ -387,7 +387,7 @@ impl Protocol for OpenAiProtocol {
         None
     }
 
-    fn on_stream_event(&mut self, event: &str, data: &str, facts: &mut Facts) -> Result<bool, ()> {
+    fn on_stream_event(&mut self, event: &str, data: &str, facts: &mut Facts) -> Result<bool, MalformedBody> {
         if data.trim() == "[DONE]" {
             facts.saw_final = true;
             return Ok(false);
@@ -433,7 +433,7 @@ impl Protocol for OpenAiProtocol {
         Ok(self.apply_chunk(chunk, facts, true))
     }
 
-    fn on_json_body(&mut self, body: &[u8], facts: &mut Facts) -> Result<(), ()> {
+    fn on_json_body(&mut self, body: &[u8], facts: &mut Facts) -> Result<(), MalformedBody> {
         if facts.operation == Operation::Responses {
             let r: ResponsesObject<'_> = parse_json(body)?;
             self.apply_responses_object(r, facts, true);
@@ -453,10 +453,7 @@ mod tests {
     fn include_usage_inserted_textually_when_absent() {
         let body = br#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
         let out = with_include_usage(body, false).unwrap_or_default();
-        assert_eq!(
-            out,
-            br#"{"stream_options":{"include_usage":true},"model":"gpt-4o","stream":true,"messages":[]}"#
-        );
+        assert_eq!(out, br#"{"stream_options":{"include_usage":true},"model":"gpt-4o","stream":true,"messages":[]}"#);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Helpers shared by the proxy's end-to-end tests: a mock upstream plus the real `llmtap`
 //! binary wired to it, and a plain hyper client.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -53,12 +53,17 @@ pub async fn start(extra: &str) -> Env {
     let config = format!("{extra}\n{}", base_config(&mock));
     let env: Vec<(&str, String)> = ["OPENAI", "ANTHROPIC", "GEMINI", "AZURE"]
         .iter()
-        .map(|r| (match *r {
-            "OPENAI" => "LLMTAP_UPSTREAM_OPENAI",
-            "ANTHROPIC" => "LLMTAP_UPSTREAM_ANTHROPIC",
-            "GEMINI" => "LLMTAP_UPSTREAM_GEMINI",
-            _ => "LLMTAP_UPSTREAM_AZURE",
-        }, mock.url()))
+        .map(|r| {
+            (
+                match *r {
+                    "OPENAI" => "LLMTAP_UPSTREAM_OPENAI",
+                    "ANTHROPIC" => "LLMTAP_UPSTREAM_ANTHROPIC",
+                    "GEMINI" => "LLMTAP_UPSTREAM_GEMINI",
+                    _ => "LLMTAP_UPSTREAM_AZURE",
+                },
+                mock.url(),
+            )
+        })
         .collect();
     let llmtap = LlmtapProcess::start(Path::new(env!("CARGO_BIN_EXE_llmtap")), &config, &env).unwrap();
     Env { mock, llmtap, client: client() }
@@ -80,7 +85,13 @@ impl Reply {
     }
 }
 
-pub async fn send(c: &HttpClient, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn send(
+    c: &HttpClient,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let mut b = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);

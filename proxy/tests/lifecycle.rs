@@ -1,0 +1,223 @@
+//! Load, shutdown and the command line: 500 concurrent calls leave exactly 500 records;
+//! SIGTERM lets an in-flight stream finish and exits 0; `check` and `stats` say what they
+//! should.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use http_body_util::BodyExt;
+use llmtap_testkit::process::read_records;
+use llmtap_testkit::{fixtures_dir, Case};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_mixed_calls_leave_exactly_five_hundred_records() {
+    let mut env = start("").await;
+    let dir = fixtures_dir();
+    let anthropic = Case::load(&dir, "anthropic/messages_stream_tools").unwrap();
+    let anthropic_body = bytes::Bytes::from(anthropic.body(&dir, "anthropic/messages_stream_tools").unwrap());
+    let gemini = Case::load(&dir, "gemini/stream_sse").unwrap();
+    let gemini_body = bytes::Bytes::from(gemini.body(&dir, "gemini/stream_sse").unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let c = env.client.clone();
+        let base = env.llmtap.url("");
+        let (anthropic, anthropic_body, gemini, gemini_body) =
+            (anthropic.clone(), anthropic_body.clone(), gemini.clone(), gemini_body.clone());
+        tasks.push(tokio::spawn(async move {
+            let app = format!("app-{}", i % 5);
+            let h = [("x-llmtap-app", app.as_str())];
+            match i % 4 {
+                0 => {
+                    let r = post_json(
+                        &c,
+                        &format!("{base}/v1/chat/completions"),
+                        &h,
+                        &json!({"model": "gpt-4o", "messages": []}),
+                    )
+                    .await;
+                    assert_eq!(r.json()["choices"][0]["message"]["content"], "Hello from the mock upstream.");
+                }
+                1 => {
+                    let r = post_json(
+                        &c,
+                        &format!("{base}/v1/chat/completions"),
+                        &h,
+                        &json!({"model": "gpt-4o-mini", "stream": true, "messages": []}),
+                    )
+                    .await;
+                    assert!(r.body.ends_with(b"data: [DONE]\n\n"));
+                    assert!(!String::from_utf8_lossy(&r.body).contains("usage"));
+                }
+                2 => {
+                    let r = post_json(
+                        &c,
+                        &format!("{base}{}", anthropic.path),
+                        &[h[0], ("x-mock-fixture", "anthropic/messages_stream_tools")],
+                        &anthropic.request,
+                    )
+                    .await;
+                    assert_eq!(r.body, anthropic_body);
+                }
+                _ => {
+                    let r = post_json(
+                        &c,
+                        &format!("{base}{}", gemini.path),
+                        &[h[0], ("x-mock-fixture", "gemini/stream_sse")],
+                        &gemini.request,
+                    )
+                    .await;
+                    assert_eq!(r.body, gemini_body);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let recs = records_at_least(&env.llmtap.data_dir, 500).await;
+    assert_eq!(recs.len(), 500);
+    assert!(recs.iter().all(|r| r["error_kind"] == "" && r["status"] == 200), "all succeeded");
+    assert_eq!(recs.iter().filter(|r| r["provider"] == "anthropic").count(), 125);
+    env.llmtap.terminate().unwrap();
+    let status = env.llmtap.wait_exit(Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(read_records(&env.llmtap.data_dir.join("traces")).len(), 500, "exactly 500 after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
+    let mut env = start("").await;
+    let req = http::Request::post(env.llmtap.url("/v1/chat/completions"))
+        .header("x-mock-chunks", "20")
+        .header("x-mock-chunk-delay-ms", "100")
+        .header("x-mock-content", "abcdefghijklmnopqrstuvwxyz0123456789ABCD")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            serde_json::to_vec(&json!({"model": "gpt-4o", "stream": true, "messages": []})).unwrap(),
+        )))
+        .unwrap();
+    let resp = env.client.request(req).await.unwrap();
+    let trace = resp.headers()["x-llmtap-trace-id"].to_str().unwrap().to_owned();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(!first.data_ref().unwrap().is_empty());
+    env.llmtap.terminate().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are refused while the stream goes on.
+    assert!(std::net::TcpStream::connect(env.llmtap.proxy).is_err(), "listener still open after SIGTERM");
+    let rest = body.collect().await.unwrap().to_bytes();
+    let text = format!("{}{}", String::from_utf8_lossy(first.data_ref().unwrap()), String::from_utf8_lossy(&rest));
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let status = env.llmtap.wait_exit(Duration::from_secs(20)).unwrap();
+    assert_eq!(status.code(), Some(0));
+    let recs = read_records(&env.llmtap.data_dir.join("traces"));
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["trace_id"], trace.as_str());
+    assert_eq!(recs[0]["error_kind"], "");
+    assert_eq!(recs[0]["output_text"], "abcdefghijklmnopqrstuvwxyz0123456789ABCD");
+}
+
+fn llmtap(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmtap"));
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LLMTAP_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_names_the_key_value_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("llmtap.toml");
+    let cfg_s = cfg.to_str().unwrap();
+    std::fs::write(&cfg, "[capture]\nredact = ['(']\n").unwrap();
+    let (code, _, err) = llmtap(&["check", "--config", cfg_s], &[]);
+    assert_eq!(code, 2);
+    assert!(err.starts_with("llmtap: capture.redact[0] = \"(\": regex parse error"), "{err}");
+
+    std::fs::write(&cfg, "[[route]]\nname = \"vllm\"\nprefix = \"/vllm\"\nupstream = \"http://127.0.0.1:8000/v1\"\n")
+        .unwrap();
+    let (code, _, err) = llmtap(&["check", "--config", cfg_s], &[("LLMTAP_UPSTREAM_ANTHROPIC", "localhost:9")]);
+    assert_eq!(code, 2);
+    assert_eq!(err.trim(), "llmtap: LLMTAP_UPSTREAM_ANTHROPIC = \"localhost:9\": scheme must be http or https");
+
+    let (code, _, err) = llmtap(&["check", "--config", cfg_s], &[("LLMTAP_LOG_FSYNC", "sometimes")]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("log.fsync: unknown variant `sometimes`, expected one of `always`, `interval`, `never`"),
+        "{err}"
+    );
+
+    let (code, out, err) = llmtap(&["check", "--config", cfg_s], &[("LLMTAP_CLIENT_IDLE_TIMEOUT_MS", "1234")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("idle_timeout_ms = 1234"), "{out}");
+    assert!(out.contains("vllm       /vllm                    -> http://127.0.0.1:8000/v1  adapter=openai"), "{out}");
+    assert!(out.contains("openai     /openai /v1              -> https://api.openai.com  adapter=openai"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_summarises_the_local_log() {
+    let env = start("").await;
+    let dir = fixtures_dir();
+    for i in 0..4 {
+        let tools = if i % 2 == 0 { "search,answer" } else { "search" };
+        let r = post_json(
+            &env.client,
+            &env.llmtap.url("/v1/chat/completions"),
+            &[("x-llmtap-app", "bot"), ("x-mock-tool-calls", tools)],
+            &json!({"model": "gpt-4o", "stream": i % 2 == 0, "messages": []}),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    let case = Case::load(&dir, "anthropic/messages_json").unwrap();
+    post_json(
+        &env.client,
+        &env.llmtap.url(&case.path),
+        &[("x-mock-fixture", "anthropic/messages_json")],
+        &case.request,
+    )
+    .await;
+    post_json(
+        &env.client,
+        &env.llmtap.url("/v1/chat/completions"),
+        &[("x-mock-status", "500")],
+        &json!({"model": "gpt-4o"}),
+    )
+    .await;
+    records_at_least(&env.llmtap.data_dir, 6).await;
+    let data = env.llmtap.data_dir.to_str().unwrap();
+    let (code, out, err) = llmtap(&["stats", "--data-dir", data, "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 6);
+    let gpt = v["groups"]["model"].as_array().unwrap().iter().find(|r| r["key"] == "gpt-4o").unwrap();
+    assert_eq!((gpt["requests"].as_u64(), gpt["errors"].as_u64()), (Some(5), Some(1)));
+    assert_eq!((gpt["input_tokens"].as_u64(), gpt["output_tokens"].as_u64()), (Some(44), Some(28)));
+    assert!((gpt["cost_usd"].as_f64().unwrap() - 4.0 * (11.0 * 2.5e-6 + 7.0 * 1e-5)).abs() < 1e-12);
+    assert!(gpt["ttft_p50_ms"].as_f64().unwrap() > 0.0);
+    let claude = v["groups"]["model"].as_array().unwrap().iter().find(|r| r["key"] != "gpt-4o").unwrap();
+    assert_eq!(claude["input_tokens"], case.expect["input_tokens"]);
+    assert_eq!(v["groups"]["app"][0]["key"], "bot");
+    assert_eq!(v["tool_paths"], json!([{"path": ["search"], "calls": 2}, {"path": ["search", "answer"], "calls": 2}]));
+    let (code, table, _) = llmtap(&["stats", "--data-dir", data, "--by", "route"], &[]);
+    assert_eq!(code, 0);
+    assert!(table.contains("by route") && table.contains("search → answer"), "{table}");
+    assert!(!table.contains("by model"));
+}
