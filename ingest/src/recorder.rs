@@ -258,3 +258,66 @@ pub fn complete_record(p: PendingTrace, prices: &PriceTable, capture: &CapturePo
     }
     record
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::PendingTrace;
+    use crate::provider::{ProviderKind, Usage};
+
+    fn pending(id: &str) -> PendingTrace {
+        PendingTrace {
+            record: TraceRecord {
+                trace_id: id.into(),
+                status: 200,
+                request_model: "gpt-4o".into(),
+                ..TraceRecord::default()
+            },
+            provider: ProviderKind::OpenAi,
+            usage: Some(Usage { input: 10, output: 5, ..Usage::default() }),
+            request_body: bytes::Bytes::from_static(b"{}"),
+            output_len: 0,
+            capture_bodies: true,
+            score: None,
+        }
+    }
+
+    #[test]
+    fn drops_record_when_queue_full_without_waiting() {
+        let (tx, rx) = mpsc::sync_channel(2);
+        let sender = RecordSender { tx, stats: Arc::new(RecorderStats::default()) };
+        assert!(sender.try_record(pending("a")));
+        assert!(sender.try_record(pending("b")));
+        assert!(!sender.try_record(pending("c")));
+        assert!(!sender.try_record(pending("d")));
+        assert_eq!(sender.stats().dropped_full.load(Ordering::Relaxed), 2);
+        assert_eq!(rx.try_iter().map(|p| p.record.trace_id).collect::<Vec<_>>(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn shutdown_writes_every_queued_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RecorderConfig {
+            log: LogConfig::default(),
+            prices: Arc::new(PriceTable::embedded()),
+            capture: crate::capture::CaptureConfig::default().validate().unwrap(),
+            observers: Vec::new(),
+        };
+        let (tx, handle) = spawn_recorder(dir.path(), cfg).unwrap();
+        for i in 0..2000 {
+            assert!(tx.try_record(pending(&format!("t{i}"))));
+        }
+        drop(tx);
+        handle.shutdown();
+        let mut n = 0;
+        crate::log::for_each_line(&dir.path().join("traces"), |_, line| {
+            let r: TraceRecord = serde_json::from_str(line).unwrap();
+            assert_eq!(r.trace_id, format!("t{n}"));
+            assert_eq!(r.usage_source, UsageSource::Reported);
+            assert!((r.cost_usd - (10.0 * 2.5e-6 + 5.0 * 1e-5)).abs() < 1e-15);
+            n += 1;
+        })
+        .unwrap();
+        assert_eq!(n, 2000);
+    }
+}

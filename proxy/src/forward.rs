@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use llmtap_ingest::recorder::RecordSender;
@@ -310,9 +310,6 @@ impl Proxy {
             rparts.headers.insert(TRACE_HEADER, v);
         }
         rparts.version = Version::HTTP_11;
-        if parts.method == Method::HEAD {
-            rparts.headers.remove(header::CONTENT_LENGTH);
-        }
         exchange.add_overhead(t_head.elapsed());
         let status = rparts.status.as_u16();
         let body = TapBody::new(rbody, exchange, self.recorder.clone(), self.idle_timeout, rewrites, status);

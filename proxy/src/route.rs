@@ -400,7 +400,7 @@ mod tests {
         let env = vec![("LLMTAP_UPSTREAM_GEMINI".to_string(), "nope".to_string())];
         assert_eq!(
             RouteTable::build(&[], &env, true).unwrap_err().to_string(),
-            "LLMTAP_UPSTREAM_GEMINI = \"nope\": not a URL"
+            "LLMTAP_UPSTREAM_GEMINI = \"nope\": scheme must be http or https"
         );
     }
 }

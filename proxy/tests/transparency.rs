@@ -221,3 +221,44 @@ async fn non_llm_paths_pass_through_too() {
     assert_eq!(rec["error_kind"], "http_error");
     assert_eq!(rec["method"], "GET");
 }
+
+/// llmtap in front of the TLS mock, reached through a `/secure` route.
+async fn tls_env(client_cfg: &str) -> (llmtap_testkit::MockUpstream, llmtap_testkit::process::LlmtapProcess) {
+    let mock = llmtap_testkit::MockUpstream::start_tls("127.0.0.1:0".parse().unwrap(), &fixtures_dir()).await.unwrap();
+    let config = format!(
+        "{client_cfg}\n[[route]]\nname = \"secure\"\nprefix = \"/secure\"\nupstream = \"https://localhost:{}\"\n",
+        mock.addr.port()
+    );
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_llmtap"));
+    let p = llmtap_testkit::process::LlmtapProcess::start(bin, &config, &[]).unwrap();
+    (mock, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_use_h2_by_alpn_and_trust_the_extra_ca() {
+    let ca = llmtap_testkit::MockUpstream::tls_ca_file();
+    let c = client();
+    let req = json!({"model": "gpt-4o", "stream": true, "messages": []});
+    for (http2, version) in [("true", "HTTP/2.0"), ("false", "HTTP/1.1")] {
+        let (mock, p) =
+            tls_env(&format!("[client]\nextra_ca_file = {:?}\nhttp2 = {http2}\n", ca.display().to_string())).await;
+        let direct = generate_direct(&req);
+        let r = post_json(&c, &p.url("/secure/v1/chat/completions"), &[], &req).await;
+        assert_eq!(r.status, 200, "{}", p.stderr());
+        assert_eq!(r.body.as_ref(), direct.as_slice());
+        assert_eq!(mock.last_request().unwrap().version, version);
+        let rec = record(&p.data_dir, &r.trace_id()).await;
+        assert_eq!((rec["route"].as_str(), rec["usage_source"].as_str()), (Some("secure"), Some("reported")));
+    }
+    // Without the extra CA the certificate is not trusted: a connect error, not a hang.
+    let (_mock, p) = tls_env("").await;
+    let r = post_json(&c, &p.url("/secure/v1/chat/completions"), &[], &req).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.headers.get("x-llmtap-error").unwrap(), "upstream_connect");
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("certificate"), "{}", r.json());
+}
+
+/// What the mock sends for `req` when the client did not ask for usage.
+fn generate_direct(req: &serde_json::Value) -> Vec<u8> {
+    llmtap_testkit::generate_chat(req, &http::HeaderMap::new()).1.concat()
+}

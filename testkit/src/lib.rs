@@ -35,6 +35,8 @@ pub struct MockStats {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SeenRequest {
     pub method: String,
+    /// `HTTP/1.1` or `HTTP/2.0`, as the request arrived.
+    pub version: String,
     pub path: String,
     pub headers: std::collections::BTreeMap<String, String>,
     pub body: String,
@@ -61,8 +63,34 @@ impl Drop for MockUpstream {
 }
 
 impl MockUpstream {
-    /// Binds `addr` (use port 0) and serves on the current tokio runtime.
+    /// Binds `addr` (use port 0) and serves plain HTTP/1.1 and h2c on the current runtime.
     pub async fn start(addr: SocketAddr, fixtures: &Path) -> std::io::Result<MockUpstream> {
+        Self::start_with(addr, fixtures, None).await
+    }
+
+    /// Same, over TLS with the test certificate in `testkit/tls/` (trust `ca.pem`), offering
+    /// `h2` and `http/1.1` by ALPN.
+    pub async fn start_tls(addr: SocketAddr, fixtures: &Path) -> std::io::Result<MockUpstream> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tls");
+        let certs = CertificateDer::pem_file_iter(dir.join("server.pem"))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(std::io::Error::other)?;
+        let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).map_err(std::io::Error::other)?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+            .map_err(std::io::Error::other)?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Self::start_with(addr, fixtures, Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        fixtures: &Path,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<MockUpstream> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(MockStats::default());
@@ -73,15 +101,29 @@ impl MockUpstream {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let _ = stream.set_nodelay(true);
                 let st = st.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
         Ok(MockUpstream { addr, stats, state, task })
+    }
+
+    /// Path of the CA that signed the TLS mock's certificate.
+    pub fn tls_ca_file() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tls/ca.pem")
     }
 
     pub fn url(&self) -> String {
@@ -250,6 +292,7 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<FeedB
     let h = parts.headers;
     let seen = SeenRequest {
         method: parts.method.to_string(),
+        version: format!("{:?}", parts.version),
         path: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
         headers: h.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect(),
         body: String::from_utf8_lossy(&body).into_owned(),
