@@ -1,5 +1,6 @@
-//! The `llm_traces` row: one per LLM call, with exactly the ClickHouse column names.
-//! Serialised as one NDJSON line in the local log; this module does no I/O.
+//! The record kinds, with exactly the ClickHouse column names: `llm_traces` (one per LLM
+//! call), `llm_scores`, `llm_feedback` and `llm_drift_events`. Each is one NDJSON line in
+//! its folder of the local log; this module does no I/O.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -173,6 +174,71 @@ pub mod ts_format {
         let s = String::deserialize(d)?;
         parse(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid timestamp {s:?}")))
     }
+}
+
+/// One row of `llm_scores`: a judge's verdict on one call.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ScoreRecord {
+    pub ts: Timestamp,
+    pub trace_id: String,
+    pub judge: String,
+    pub judge_version: String,
+    /// `rule` or `llm`.
+    pub judge_kind: String,
+    pub app: String,
+    pub route: String,
+    pub request_model: String,
+    pub score: f64,
+    pub passed: u8,
+    pub label: String,
+    pub reasoning: String,
+    pub needs_review: u8,
+    /// `''` when a verdict was produced.
+    pub error: String,
+    pub judge_model: String,
+    pub judge_ms: f64,
+    pub judge_cost_usd: f64,
+}
+
+/// One row of `llm_feedback`: a human signal about one call.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FeedbackRecord {
+    pub ts: Timestamp,
+    pub trace_id: String,
+    pub name: String,
+    pub value: f64,
+    pub label: String,
+    pub comment: String,
+    pub correction: String,
+    pub annotator: String,
+}
+
+/// One row of `llm_drift_events`: a drift detector changed state for one key.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DriftEventRecord {
+    pub ts: Timestamp,
+    pub signal: String,
+    pub app: String,
+    pub route: String,
+    pub model: String,
+    /// `''` when not a judge signal.
+    pub judge: String,
+    pub method: String,
+    pub statistic: f64,
+    pub threshold: f64,
+    pub baseline_n: u64,
+    pub current_n: u64,
+    pub baseline_value: f64,
+    pub current_value: f64,
+    /// `warning` or `critical`.
+    pub severity: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    /// `model`, `prompt` or `intent_judge`.
+    pub control_surface: String,
 }
 
 /// A wall-clock instant stored as `DateTime64(3, 'UTC')` text; defaults to the Unix epoch.
