@@ -12,6 +12,7 @@ pub mod pricing;
 pub mod provider;
 pub mod record;
 pub mod recorder;
+pub mod sink;
 pub mod sse;
 pub mod stats;
 

@@ -45,6 +45,10 @@ pub struct LogConfig {
     pub fsync_interval_ms: u64,
     /// Records waiting for the writer; when full, new records are dropped and counted.
     pub channel_capacity: usize,
+    /// Disk cap per record kind (bytes; 0 for none). Past it the oldest segments are deleted:
+    /// with ClickHouse, unshipped ones are counted and logged as lost; without, this is the
+    /// local store's retention.
+    pub max_disk_bytes: u64,
 }
 
 impl Default for LogConfig {
@@ -55,6 +59,7 @@ impl Default for LogConfig {
             fsync: FsyncPolicy::Interval,
             fsync_interval_ms: 1000,
             channel_capacity: 16 * 1024,
+            max_disk_bytes: 10 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -68,6 +73,8 @@ pub struct SegmentWriter {
     seq: u64,
     last_sync: Instant,
     dirty: bool,
+    /// Without a shipper the writer keeps the folder under its cap itself.
+    enforce_cap_on_rotate: bool,
 }
 
 #[derive(Debug)]
@@ -86,7 +93,20 @@ impl SegmentWriter {
         for seg in list_segments(&dir)? {
             repair_torn_tail(&seg)?;
         }
-        Ok(SegmentWriter { dir, cfg, current: None, seq: 0, last_sync: Instant::now(), dirty: false })
+        Ok(SegmentWriter {
+            dir,
+            cfg,
+            current: None,
+            seq: 0,
+            last_sync: Instant::now(),
+            dirty: false,
+            enforce_cap_on_rotate: true,
+        })
+    }
+
+    /// Leaves the disk cap to a shipper, which knows what was shipped.
+    pub fn set_cap_enforced_elsewhere(&mut self) {
+        self.enforce_cap_on_rotate = false;
     }
 
     pub fn dir(&self) -> &Path {
@@ -163,6 +183,11 @@ impl SegmentWriter {
 
     fn rotate(&mut self) -> io::Result<()> {
         self.close()?;
+        if self.cfg.max_disk_bytes > 0 && self.enforce_cap_on_rotate {
+            for e in enforce_disk_cap(&self.dir, self.cfg.max_disk_bytes.saturating_sub(self.cfg.segment_max_bytes))? {
+                tracing::info!(segment = %e.path.display(), bytes = e.bytes, "local log over log.max_disk_bytes: deleted the oldest segment");
+            }
+        }
         let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
         self.seq += 1;
         let path = self.dir.join(format!("{ms:013}-{}-{:06}.ndjson", std::process::id(), self.seq));
@@ -194,6 +219,41 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
         Err(e) => return Err(e),
     }
     out.sort();
+    Ok(out)
+}
+
+/// A segment deleted to keep a folder under its disk cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evicted {
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// Deletes the oldest segments of `dir` until it holds at most `cap` bytes. The newest
+/// segment (the one being written) is never deleted. `cap == 0` means no cap.
+pub fn enforce_disk_cap(dir: &Path, cap: u64) -> io::Result<Vec<Evicted>> {
+    if cap == 0 {
+        return Ok(Vec::new());
+    }
+    let segs = list_segments(dir)?;
+    let mut sizes = Vec::with_capacity(segs.len());
+    for s in &segs {
+        sizes.push(std::fs::metadata(s).map(|m| m.len()).unwrap_or(0));
+    }
+    let mut total: u64 = sizes.iter().sum();
+    let mut out = Vec::new();
+    for (seg, size) in segs.iter().zip(&sizes).take(segs.len().saturating_sub(1)) {
+        if total <= cap {
+            break;
+        }
+        match std::fs::remove_file(seg) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        total -= size;
+        out.push(Evicted { path: seg.clone(), bytes: *size });
+    }
     Ok(out)
 }
 
@@ -260,5 +320,20 @@ mod tests {
         for_each_line(&tmp.path().join("traces"), |_, l| lines.push(l.to_owned())).unwrap();
         assert_eq!(lines, vec!["{\"n\":0}", "{\"n\":1}", "{\"n\":2}", "{\"n\":3}", "{\"n\":4}"]);
         assert!(std::fs::read(&segs[2]).unwrap().ends_with(b"\n"));
+    }
+
+    #[test]
+    fn disk_cap_deletes_oldest_but_never_the_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, n) in [("0001.ndjson", 100), ("0002.ndjson", 100), ("0003.ndjson", 100)] {
+            std::fs::write(tmp.path().join(name), vec![b'x'; n]).unwrap();
+        }
+        let gone = enforce_disk_cap(tmp.path(), 150).unwrap();
+        assert_eq!(
+            gone.iter().map(|e| e.path.file_name().unwrap().to_str().unwrap()).collect::<Vec<_>>(),
+            vec!["0001.ndjson", "0002.ndjson"]
+        );
+        assert_eq!(enforce_disk_cap(tmp.path(), 1).unwrap(), vec![], "the newest stays");
+        assert_eq!(list_segments(tmp.path()).unwrap().len(), 1);
     }
 }

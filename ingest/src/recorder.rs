@@ -116,11 +116,17 @@ pub struct RecorderConfig {
     pub prices: Arc<PriceTable>,
     pub capture: CapturePolicy,
     pub observers: Vec<Box<dyn RecordObserver>>,
+    /// A shipper keeps the folder under `log.max_disk_bytes` (it knows what was shipped);
+    /// otherwise the writer does on rotation.
+    pub cap_enforced_by_shipper: bool,
 }
 
 /// Starts the recorder thread writing to `<data_dir>/traces/`.
 pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(RecordSender, RecorderHandle)> {
     let mut writer = SegmentWriter::open(data_dir, "traces", cfg.log.clone())?;
+    if cfg.cap_enforced_by_shipper {
+        writer.set_cap_enforced_elsewhere();
+    }
     let (tx, rx) = mpsc::sync_channel::<PendingTrace>(cfg.log.channel_capacity.max(1));
     let stats = Arc::new(RecorderStats::default());
     let closing = Arc::new(AtomicBool::new(false));
@@ -302,6 +308,7 @@ mod tests {
             prices: Arc::new(PriceTable::embedded()),
             capture: crate::capture::CaptureConfig::default().validate().unwrap(),
             observers: Vec::new(),
+            cap_enforced_by_shipper: false,
         };
         let (tx, handle) = spawn_recorder(dir.path(), cfg).unwrap();
         for i in 0..2000 {
