@@ -1,13 +1,15 @@
 # Developer and CI entry points. `make test` is the README's test command and what CI runs:
-# it installs what it needs (a Python venv with the SDKs) and runs every suite.
+# it installs what it needs (a Python venv with the SDKs and the chdb ClickHouse engine) and
+# runs every suite, the ClickHouse ones included.
 
 CARGO ?= cargo
 PYTHON ?= python3
 VENV ?= .venv
+export LLMTAP_CHDB_PYTHON := $(abspath $(VENV))/bin/python
 
-.PHONY: test lint fmt clippy unit sdk run
+.PHONY: test lint fmt clippy unit sdk chdb run bench-shipper
 
-test: lint unit sdk
+test: lint unit sdk chdb
 
 lint: fmt clippy
 
@@ -17,17 +19,24 @@ fmt:
 clippy:
 	$(CARGO) clippy -q --workspace --all-targets -- -D warnings
 
-unit:
+unit: $(VENV)/.installed
 	$(CARGO) test -q --workspace
 
-$(VENV)/.installed: tests/sdk/requirements.txt
+$(VENV)/.installed: tests/sdk/requirements.txt tests/chdb/requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt -r tests/chdb/requirements.txt
 	touch $@
 
 sdk: $(VENV)/.installed
 	$(CARGO) build -q --workspace --bins
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/sdk
 
+# The test adapter's own checks (chdb behind ClickHouse's HTTP interface).
+chdb: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/chdb
+
 run:
 	$(CARGO) run --release -p llmtap -- serve
+
+bench-shipper: $(VENV)/.installed
+	$(CARGO) bench -p llmtap-ingest --bench shipper

@@ -10,6 +10,7 @@ use std::time::Duration;
 use llmtap_ingest::capture::{CaptureConfig, CapturePolicy};
 use llmtap_ingest::log::LogConfig;
 use llmtap_ingest::pricing::PriceTable;
+use llmtap_ingest::sink::clickhouse::{ClickHouseConfig, ValidatedClickHouse};
 use serde::{Deserialize, Serialize};
 
 use crate::route::{RouteConfig, RouteTable};
@@ -32,6 +33,7 @@ pub struct Config {
     pub capture: CaptureConfig,
     pub log: LogConfig,
     pub pricing: PricingConfig,
+    pub clickhouse: ClickHouseConfig,
     /// Extra routes, or overrides of the built-in ones by name.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
@@ -49,6 +51,7 @@ impl Default for Config {
             capture: CaptureConfig::default(),
             log: LogConfig::default(),
             pricing: PricingConfig::default(),
+            clickhouse: ClickHouseConfig::default(),
             routes: Vec::new(),
         }
     }
@@ -131,6 +134,15 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// The config as `check` prints it: secrets masked.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if !c.clickhouse.password.is_empty() {
+            c.clickhouse.password = "********".into();
+        }
+        c
+    }
+
     /// Reads the file (if any), applies `LLMTAP_*` variables from `env`, then flags.
     pub fn load(path: Option<&Path>, env: &[(String, String)], flags: &Overrides) -> Result<Config, ConfigError> {
         let (mut value, source) = match path {
@@ -226,6 +238,11 @@ impl Config {
         let prices = PriceTable::load(pricing_path.as_deref())
             .map_err(|e| ConfigError::invalid("pricing.file", format!("{:?}", self.pricing.file), e.to_string()))?;
         let routes = RouteTable::build(&self.routes, env, c.inject_stream_usage)?;
+        let clickhouse = self.clickhouse.validate().map_err(|e| ConfigError::Invalid {
+            key: format!("clickhouse.{}", e.key),
+            value: e.value.clone(),
+            reason: e.reason.to_owned(),
+        })?;
         Ok(ValidatedConfig {
             raw: self.clone(),
             listen,
@@ -233,6 +250,7 @@ impl Config {
             capture,
             prices: Arc::new(prices),
             routes: Arc::new(routes),
+            clickhouse,
             connect_timeout: Duration::from_millis(c.connect_timeout_ms),
             first_byte_timeout: Duration::from_millis(c.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
@@ -250,6 +268,8 @@ pub struct ValidatedConfig {
     pub capture: CapturePolicy,
     pub prices: Arc<PriceTable>,
     pub routes: Arc<RouteTable>,
+    /// `None` when no ClickHouse URL is set.
+    pub clickhouse: Option<ValidatedClickHouse>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
@@ -375,6 +395,15 @@ mod tests {
         assert_eq!(
             cfg.validate(&[]).unwrap_err().to_string(),
             "listen = \"localhost\": not a socket address (host:port)"
+        );
+
+        let cfg = Config {
+            clickhouse: ClickHouseConfig { url: "ch:8123".into(), ..Default::default() },
+            ..Config::default()
+        };
+        assert_eq!(
+            cfg.validate(&[]).unwrap_err().to_string(),
+            "clickhouse.url = \"ch:8123\": expected http://host:port or https://host:port"
         );
 
         let mut cfg = Config::default();

@@ -65,12 +65,29 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Where to read: the local trace log or ClickHouse (all sidecars together).
+        #[arg(long, value_enum, default_value_t = Source::Local)]
+        from: Source,
+    },
+    /// Create or upgrade the ClickHouse schema.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+        /// Print the SQL that would run, and run nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Validate the config and print the effective one.
     Check {
         #[command(flatten)]
         common: Common,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Source {
+    Local,
+    Clickhouse,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -93,6 +110,18 @@ fn load(
     let flags = Overrides { listen, admin_listen, data_dir: common.data_dir.clone() };
     let cfg = Config::load(common.config.as_deref(), &env, &flags)?;
     Ok((cfg, env))
+}
+
+/// The ClickHouse connection a command needs; an error when none is configured.
+fn clickhouse_sink(
+    cfg: &Config,
+    env: &[(String, String)],
+) -> anyhow::Result<llmtap_ingest::sink::clickhouse::ClickHouseSink> {
+    let v = cfg.validate(env)?;
+    let ch = v
+        .clickhouse
+        .ok_or_else(|| anyhow::anyhow!("clickhouse.url is empty: set LLMTAP_CLICKHOUSE_URL or [clickhouse] url"))?;
+    Ok(llmtap_ingest::sink::clickhouse::ClickHouseSink::new(&ch))
 }
 
 fn parse_since(s: &str) -> anyhow::Result<u64> {
@@ -126,8 +155,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
             rt.block_on(server::serve(validated, server::shutdown_signal()))
         }
-        Command::Stats { common, by, since, top, json } => {
-            let (cfg, _) = load(&common, None, None)?;
+        Command::Stats { common, by, since, top, json, from } => {
+            let (cfg, env) = load(&common, None, None)?;
             let by: Vec<GroupBy> = if by.is_empty() {
                 vec![GroupBy::Model, GroupBy::App, GroupBy::Route]
             } else {
@@ -140,8 +169,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect()
             };
             let since_ms = since.as_deref().map(parse_since).transpose()?;
-            let (report, bad) = stats::from_local_log(&cfg.data_dir, &by, since_ms, top)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg.data_dir.join("traces").display()))?;
+            let (report, bad) = if from == Source::Clickhouse {
+                let sink = clickhouse_sink(&cfg, &env)?;
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let report = rt
+                    .block_on(llmtap_ingest::sink::clickhouse::stats::from_clickhouse(&sink, &by, since_ms, top))
+                    .map_err(|e| anyhow::anyhow!("clickhouse {}: {e}", sink.cfg.url))?;
+                (report, 0)
+            } else {
+                stats::from_local_log(&cfg.data_dir, &by, since_ms, top)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg.data_dir.join("traces").display()))?
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -152,11 +190,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Migrate { common, dry_run } => {
+            let (cfg, env) = load(&common, None, None)?;
+            let sink = clickhouse_sink(&cfg, &env)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let statements = rt.block_on(async {
+                if dry_run {
+                    sink.plan().await
+                } else {
+                    sink.migrate().await
+                }
+            })?;
+            if dry_run {
+                for s in &statements {
+                    println!("{s};\n");
+                }
+            } else {
+                let versions = rt.block_on(sink.applied_versions()).map_err(|e| anyhow::anyhow!("clickhouse: {e}"))?;
+                eprintln!(
+                    "llmtap migrate: {} statements run; schema at version {} (database {})",
+                    statements.len(),
+                    versions.iter().max().copied().unwrap_or(0),
+                    sink.cfg.database
+                );
+            }
+            Ok(())
+        }
         Command::Check { common } => {
             let (cfg, env) = load(&common, None, None)?;
             let v = cfg.validate(&env)?;
             println!("# effective llmtap config (defaults < file < LLMTAP_* environment < flags)");
-            print!("{}", toml::to_string_pretty(&v.raw)?);
+            print!("{}", toml::to_string_pretty(&v.raw.redacted())?);
             println!("\n# routes (longest prefix wins)");
             for r in v.routes.routes() {
                 let prefixes: Vec<&str> = r.prefixes.iter().map(|p| p.path.as_str()).collect();

@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use llmtap_ingest::recorder::{spawn_recorder, RecorderConfig};
+use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink, ShipperSettings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -38,11 +39,31 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
             prices: cfg.prices.clone(),
             capture: cfg.capture.clone(),
             observers: Vec::new(),
+            cap_enforced_by_shipper: cfg.clickhouse.is_some(),
         },
     )
     .map_err(|e| {
         anyhow::anyhow!("data_dir = {:?}: cannot open the trace log: {e}", cfg.raw.data_dir.display().to_string())
     })?;
+
+    let shipper = match &cfg.clickhouse {
+        Some(ch) => {
+            let sink = Arc::new(ClickHouseSink::new(ch));
+            let settings = ShipperSettings {
+                batch_max_rows: ch.batch_max_rows,
+                batch_max_bytes: ch.batch_max_bytes,
+                batch_max_age: ch.batch_max_age,
+                poll_interval: ch.poll_interval,
+                retry_initial_backoff: ch.retry_initial_backoff,
+                retry_max_backoff: ch.retry_max_backoff,
+                keep_local: ch.keep_local,
+                max_disk_bytes: cfg.raw.log.max_disk_bytes,
+            };
+            tracing::info!(url = %ch.url, database = %ch.database, "shipping records to clickhouse");
+            Some(spawn_shipper(sink, cfg.raw.data_dir.clone(), settings, service::prepare)?)
+        }
+        None => None,
+    };
 
     let client = build_client(&cfg.raw.client, cfg.connect_timeout)?;
     let proxy = Arc::new(Proxy {
@@ -114,6 +135,11 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     drop(recorder_tx);
     let stats = recorder.stats().clone();
     tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
+    if let Some(shipper) = shipper {
+        // One last attempt to ship what is on disk; what ClickHouse does not take now stays
+        // in the local log and goes out after the next start.
+        tokio::task::spawn_blocking(move || shipper.shutdown()).await?;
+    }
     tracing::info!(
         written = stats.written.load(Ordering::Relaxed),
         dropped = stats.dropped_full.load(Ordering::Relaxed),

@@ -141,6 +141,7 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ingest/tests/fixtures")
 }
 
+pub mod chdb;
 pub mod process;
 
 /// One fixture case (`<provider>/<case>.case.json`).

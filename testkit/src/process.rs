@@ -26,6 +26,26 @@ impl LlmtapProcess {
     pub fn start(bin: &Path, config: &str, env: &[(&str, String)]) -> anyhow::Result<LlmtapProcess> {
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("data");
+        Self::start_in(bin, config, env, dir, data_dir)
+    }
+
+    /// Same, with a data directory that outlives the process (crash and restart tests).
+    pub fn start_with_data_dir(
+        bin: &Path,
+        config: &str,
+        env: &[(&str, String)],
+        data_dir: &Path,
+    ) -> anyhow::Result<LlmtapProcess> {
+        Self::start_in(bin, config, env, tempfile::tempdir()?, data_dir.to_path_buf())
+    }
+
+    fn start_in(
+        bin: &Path,
+        config: &str,
+        env: &[(&str, String)],
+        dir: tempfile::TempDir,
+        data_dir: PathBuf,
+    ) -> anyhow::Result<LlmtapProcess> {
         let cfg_path = dir.path().join("llmtap.toml");
         std::fs::write(&cfg_path, config)?;
         let stderr_path = dir.path().join("stderr.log");
