@@ -390,3 +390,37 @@ async fn a_poison_record_is_quarantined_and_later_rows_arrive() {
         .unwrap();
     assert!(std::fs::read_to_string(err).unwrap().contains("code 469"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scores_feedback_and_drift_events_are_shipped_too() {
+    let Some(py) = chdb::python() else { return };
+    let ch = ChdbAdapter::start(&py).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("data");
+    let now = llmtap_ingest::record::ts_format::format(std::time::SystemTime::now());
+    let score = json!({"ts": now, "trace_id": "t1", "judge": "helpfulness", "judge_version": "3", "judge_kind": "llm", "app": "bot",
+        "route": "openai", "request_model": "gpt-4o", "score": 4.5, "passed": 1, "label": "good", "reasoning": "cites the plan",
+        "needs_review": 0, "error": "", "judge_model": "gpt-4o-mini", "judge_ms": 812.5, "judge_cost_usd": 0.00021});
+    let feedback = json!({"ts": now, "trace_id": "t1", "name": "thumbs", "value": 1.0, "label": "up", "comment": "great",
+        "correction": "", "annotator": "alice"});
+    let drift = json!({"ts": now, "signal": "judge_pass_rate", "app": "bot", "route": "openai", "model": "gpt-4o", "judge": "helpfulness",
+        "method": "cusum", "statistic": 7.25, "threshold": 5.0, "baseline_n": 2000, "current_n": 400, "baseline_value": 0.9,
+        "current_value": 0.75, "severity": "critical", "state": "firing", "control_surface": "prompt"});
+    for (folder, rec) in [("scores", &score), ("feedback", &feedback), ("drift", &drift)] {
+        std::fs::create_dir_all(data_dir.join(folder)).unwrap();
+        std::fs::write(data_dir.join(folder).join("0000000000001-1-000001.ndjson"), format!("{rec}\n")).unwrap();
+    }
+    let (_mock, _p) = start_shipping(&ch, "", Some(&data_dir)).await;
+    for (table, rec) in [("llm_scores", &score), ("llm_feedback", &feedback), ("llm_drift_events", &drift)] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let rows = loop {
+            let rows = ch.rows(&format!("SELECT * FROM default.{table}")).unwrap_or_default();
+            if !rows.is_empty() || Instant::now() > deadline {
+                break rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(rows.len(), 1, "{table}");
+        assert_json_close(rec, &rows[0], table);
+    }
+}
