@@ -1,15 +1,22 @@
 # Developer and CI entry points. `make test` is the README's test command and what CI runs:
-# it installs what it needs (a Python venv with the SDKs and the chdb ClickHouse engine) and
-# runs every suite, the ClickHouse ones included.
+# it installs what it needs (Prometheus from Debian, a Python venv with the SDKs and the chdb
+# ClickHouse engine) and runs every suite, the ClickHouse and Prometheus ones included.
 
 CARGO ?= cargo
 PYTHON ?= python3
 VENV ?= .venv
 export LLMTAP_CHDB_PYTHON := $(abspath $(VENV))/bin/python
 
-.PHONY: test lint fmt clippy unit sdk chdb run bench-shipper
+.PHONY: test deps lint fmt clippy unit sdk chdb run bench-shipper
 
-test: lint unit sdk chdb
+test: deps lint unit sdk chdb
+
+# Debian packages the tests drive: Prometheus and promtool (needs root or sudo for apt-get).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
 lint: fmt clippy
 

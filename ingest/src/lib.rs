@@ -6,6 +6,7 @@ pub mod capture;
 pub mod decode;
 pub mod estimate;
 pub mod exchange;
+pub mod export;
 pub mod jsonseq;
 pub mod log;
 pub mod pricing;

@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz` (the process is up) and `/readyz` (the proxy listener is
-//! bound and the trace log is writable), both with JSON bodies for Kubernetes probes.
+//! The admin listener: `/healthz` (the process is up), `/readyz` (the proxy listener is
+//! bound and the trace log is writable; ClickHouse reported) with JSON bodies for Kubernetes
+//! probes, and `/metrics` in the Prometheus text format.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use llmtap_ingest::export::prometheus::{LlmMetrics, CONTENT_TYPE};
 use llmtap_ingest::recorder::RecorderStats;
+use llmtap_ingest::sink::clickhouse::ShipperStats;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -20,6 +23,11 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub recorder: Arc<RecorderStats>,
     pub data_dir: PathBuf,
+    pub metrics: Arc<LlmMetrics>,
+    /// Set when ClickHouse is configured.
+    pub shipper: Option<Arc<ShipperStats>>,
+    /// `log.max_disk_bytes`: a ClickHouse backlog near it fails readiness.
+    pub max_disk_bytes: u64,
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -37,7 +45,20 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let traces = state.data_dir.join("traces");
             let log_writable =
                 std::fs::metadata(&traces).map(|m| m.is_dir() && !m.permissions().readonly()).unwrap_or(false);
-            let ok = listener && log_writable;
+            // ClickHouse is reported, not required: while it is down the local log holds the
+            // backlog. Only a backlog about to hit the disk cap (records would be dropped)
+            // makes the sidecar unready.
+            let clickhouse = state.shipper.as_ref().map(|s| {
+                let behind = s.bytes_behind.load(Ordering::Relaxed);
+                serde_json::json!({
+                    "reachable": s.unreachable.load(Ordering::Relaxed) == 0,
+                    "backlog_bytes": behind,
+                    "lag_seconds": s.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+                    "backlog_near_cap": state.max_disk_bytes > 0 && behind >= state.max_disk_bytes / 10 * 9,
+                })
+            });
+            let backlog_ok = clickhouse.as_ref().is_none_or(|c| c["backlog_near_cap"] == false);
+            let ok = listener && log_writable && backlog_ok;
             let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             json(
                 status,
@@ -47,10 +68,19 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     "log_writable": log_writable,
                     "records_written": state.recorder.written.load(Ordering::Relaxed),
                     "records_dropped": state.recorder.dropped_full.load(Ordering::Relaxed),
+                    "clickhouse": clickhouse,
                 }),
             )
         }
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"error": "not found", "paths": ["/healthz", "/readyz"]})),
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(CONTENT_TYPE));
+            r
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "not found", "paths": ["/healthz", "/readyz", "/metrics"]}),
+        ),
     }
 }
 

@@ -34,6 +34,7 @@ pub struct Config {
     pub log: LogConfig,
     pub pricing: PricingConfig,
     pub clickhouse: ClickHouseConfig,
+    pub metrics: MetricsConfig,
     /// Extra routes, or overrides of the built-in ones by name.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
@@ -52,6 +53,7 @@ impl Default for Config {
             log: LogConfig::default(),
             pricing: PricingConfig::default(),
             clickhouse: ClickHouseConfig::default(),
+            metrics: MetricsConfig::default(),
             routes: Vec::new(),
         }
     }
@@ -96,6 +98,21 @@ impl Default for ClientConfig {
             max_request_body_bytes: 32 * 1024 * 1024,
             inject_stream_usage: true,
         }
+    }
+}
+
+/// `[metrics]`: the Prometheus exposition on the admin port (`/metrics`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Distinct models that get their own label value; later ones are counted as `other`,
+    /// so a client cannot explode the label's cardinality.
+    pub max_models: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { max_models: 50 }
     }
 }
 

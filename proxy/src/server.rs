@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use llmtap_ingest::export::prometheus::{LlmMetrics, MetricsObserver, Sources};
 use llmtap_ingest::recorder::{spawn_recorder, RecorderConfig};
 use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink, ShipperSettings};
 use tokio::net::TcpListener;
@@ -32,13 +33,14 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     let proxy_addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
+    let metrics = LlmMetrics::new(cfg.raw.metrics.max_models).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let (recorder_tx, recorder) = spawn_recorder(
         &cfg.raw.data_dir,
         RecorderConfig {
             log: cfg.raw.log.clone(),
             prices: cfg.prices.clone(),
             capture: cfg.capture.clone(),
-            observers: Vec::new(),
+            observers: vec![Box::new(MetricsObserver(metrics.clone()))],
             cap_enforced_by_shipper: cfg.clickhouse.is_some(),
         },
     )
@@ -81,10 +83,20 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     });
 
     let ready = Arc::new(AtomicBool::new(true));
+    metrics.set_sources(Sources {
+        recorder: Some(recorder_tx.stats().clone()),
+        shipper: shipper.as_ref().map(|s| s.stats.clone()),
+        prices: Some(cfg.prices.clone()),
+        otlp: None,
+        trace_dir: Some(cfg.raw.data_dir.join("traces")),
+    });
     let admin_state = Arc::new(AdminState {
         ready: ready.clone(),
         recorder: recorder_tx.stats().clone(),
         data_dir: cfg.raw.data_dir.clone(),
+        metrics: metrics.clone(),
+        shipper: shipper.as_ref().map(|s| s.stats.clone()),
+        max_disk_bytes: cfg.raw.log.max_disk_bytes,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));

@@ -143,6 +143,7 @@ pub fn fixtures_dir() -> PathBuf {
 
 pub mod chdb;
 pub mod process;
+pub mod tools;
 
 /// One fixture case (`<provider>/<case>.case.json`).
 #[derive(Clone, Debug, Deserialize)]
