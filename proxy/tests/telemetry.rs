@@ -108,13 +108,12 @@ async fn prometheus_scrapes_the_request_count_and_promtool_accepts_the_expositio
     let query = format!("http://127.0.0.1:{port}/api/v1/query?query=sum(llmtap_requests_total)");
     let deadline = Instant::now() + Duration::from_secs(60);
     let value = loop {
-        if let Ok(resp) = tokio::time::timeout(Duration::from_secs(2), env.client.get(query.parse().unwrap())).await {
-            if let Ok(resp) = resp {
-                let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
-                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                if let Some(val) = v["data"]["result"][0]["value"][1].as_str() {
-                    break val.to_owned();
-                }
+        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), env.client.get(query.parse().unwrap())).await
+        {
+            let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if let Some(val) = v["data"]["result"][0]["value"][1].as_str() {
+                break val.to_owned();
             }
         }
         assert!(Instant::now() < deadline, "prometheus never returned the series");
