@@ -32,6 +32,21 @@ pub struct CallMeta {
     pub capture_bodies: bool,
     /// `x-llmtap-score`: `Some(true)` force, `Some(false)` off.
     pub score: Option<bool>,
+    /// Host and port of the upstream (`server.address`, `server.port` in OTLP).
+    pub server_address: String,
+    pub server_port: u16,
+}
+
+/// Facts about a call that are not `llm_traces` columns but that exporters report.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CallExtras {
+    pub server_address: String,
+    pub server_port: u16,
+    pub params: crate::provider::RequestParams,
+    /// Provider call ids, parallel to `tool_calls`.
+    pub tool_call_ids: Vec<String>,
+    /// `x-llmtap-score`: `Some(true)` force, `Some(false)` off.
+    pub score: Option<bool>,
 }
 
 /// Limits for what an exchange keeps.
@@ -60,7 +75,7 @@ pub struct PendingTrace {
     pub request_body: Bytes,
     pub output_len: usize,
     pub capture_bodies: bool,
-    pub score: Option<bool>,
+    pub extras: CallExtras,
 }
 
 /// Per-call state.
@@ -223,7 +238,15 @@ impl Exchange {
         let ttft = if facts.streamed { self.first_token_at } else { self.first_byte_at };
         let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
         let user_id = if self.meta.user_id.is_empty() { facts.user_id } else { std::mem::take(&mut self.meta.user_id) };
+        let tool_call_ids = facts.tool_calls.iter().map(|t| t.id.clone()).collect();
         let (tool_calls, tool_call_args) = facts.tool_calls.into_iter().map(|t| (t.name, t.arguments)).unzip();
+        let extras = CallExtras {
+            server_address: std::mem::take(&mut self.meta.server_address),
+            server_port: self.meta.server_port,
+            params: facts.params,
+            tool_call_ids,
+            score: self.meta.score,
+        };
         let record = TraceRecord {
             trace_id: self.meta.trace_id,
             span_id: self.meta.span_id,
@@ -265,7 +288,7 @@ impl Exchange {
             request_body: self.request_body,
             output_len: facts.text_len,
             capture_bodies: self.meta.capture_bodies,
-            score: self.meta.score,
+            extras,
         }
     }
 }

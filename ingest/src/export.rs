@@ -2,6 +2,7 @@
 //! OpenTelemetry (OTLP spans and metrics). Both observe records after they are on disk and
 //! never touch the request path.
 
+pub mod otlp;
 pub mod prometheus;
 
 use std::sync::atomic::AtomicU64;

@@ -71,6 +71,18 @@ pub struct Usage {
 pub struct ToolCall {
     pub name: String,
     pub arguments: String,
+    /// The provider's call id (`call_…`, `toolu_…`), when it sends one.
+    pub id: String,
+}
+
+/// Request parameters exported as span attributes (not record columns).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RequestParams {
+    pub max_tokens: Option<u64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// The request asked for a stream (`gen_ai.request.stream`).
+    pub stream: bool,
 }
 
 /// What an adapter learned about one exchange.
@@ -87,6 +99,7 @@ pub struct Facts {
     pub tool_calls: Vec<ToolCall>,
     pub tools_offered: Vec<String>,
     pub user_id: String,
+    pub params: RequestParams,
     /// Assembled output text, kept up to `text_cap` bytes; `text_len` counts all of it.
     pub output_text: String,
     pub text_len: usize,

@@ -26,12 +26,9 @@ pub trait RecordObserver: Send {
     fn observe(&mut self, record: &TraceRecord, pending_meta: &ObservedMeta);
 }
 
-/// Extra facts about a record that are not columns.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ObservedMeta {
-    /// `x-llmtap-score`: `Some(true)` force, `Some(false)` off.
-    pub score: Option<bool>,
-}
+/// Extra facts about a record that are not columns (request parameters, upstream address,
+/// tool-call ids, the score directive).
+pub type ObservedMeta = crate::exchange::CallExtras;
 
 /// Counters the recorder keeps; shared with metrics.
 #[derive(Debug, Default)]
@@ -196,9 +193,9 @@ fn write_batch(
     }
     let mut done = Vec::with_capacity(batch.len());
     let mut line = Vec::with_capacity(2048);
-    for p in batch.drain(..) {
+    for mut p in batch.drain(..) {
         stats.queued.fetch_sub(1, Ordering::Relaxed);
-        let score = p.score;
+        let extras = std::mem::take(&mut p.extras);
         let rec = complete_record(p, prices, capture);
         line.clear();
         if serde_json::to_writer(&mut line, &rec).is_err() {
@@ -206,7 +203,7 @@ fn write_batch(
             continue;
         }
         match writer.append(&line) {
-            Ok(()) => done.push((rec, ObservedMeta { score })),
+            Ok(()) => done.push((rec, extras)),
             Err(e) => {
                 stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 log_write_error(last_err_log, &e);
@@ -238,7 +235,7 @@ pub fn complete_record(p: PendingTrace, prices: &PriceTable, capture: &CapturePo
                 .tool_calls
                 .iter()
                 .zip(&record.tool_call_args)
-                .map(|(n, a)| crate::provider::ToolCall { name: n.clone(), arguments: a.clone() })
+                .map(|(n, a)| crate::provider::ToolCall { name: n.clone(), arguments: a.clone(), id: String::new() })
                 .collect();
             let u = estimate_usage(record.model(), &request_body, &record.output_text, output_len, &tool_calls);
             record.usage_source = UsageSource::Estimated;
@@ -284,7 +281,7 @@ mod tests {
             request_body: bytes::Bytes::from_static(b"{}"),
             output_len: 0,
             capture_bodies: true,
-            score: None,
+            extras: Default::default(),
         }
     }
 

@@ -35,6 +35,7 @@ pub struct Config {
     pub pricing: PricingConfig,
     pub clickhouse: ClickHouseConfig,
     pub metrics: MetricsConfig,
+    pub otlp: llmtap_ingest::export::otlp::OtlpConfig,
     /// Extra routes, or overrides of the built-in ones by name.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
@@ -54,6 +55,7 @@ impl Default for Config {
             pricing: PricingConfig::default(),
             clickhouse: ClickHouseConfig::default(),
             metrics: MetricsConfig::default(),
+            otlp: Default::default(),
             routes: Vec::new(),
         }
     }
@@ -255,6 +257,15 @@ impl Config {
         let prices = PriceTable::load(pricing_path.as_deref())
             .map_err(|e| ConfigError::invalid("pricing.file", format!("{:?}", self.pricing.file), e.to_string()))?;
         let routes = RouteTable::build(&self.routes, env, c.inject_stream_usage)?;
+        let otel_env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect();
+        let otlp = self.otlp.resolve(&otel_env).map_err(|e| match e {
+            llmtap_ingest::export::otlp::OtlpError::Config { key, value, reason } => ConfigError::Invalid {
+                key: format!("otlp.{key}"),
+                value: format!("{value:?}"),
+                reason: reason.to_owned(),
+            },
+            other => ConfigError::invalid("otlp", "", other.to_string()),
+        })?;
         let clickhouse = self.clickhouse.validate().map_err(|e| ConfigError::Invalid {
             key: format!("clickhouse.{}", e.key),
             value: e.value.clone(),
@@ -268,6 +279,7 @@ impl Config {
             prices: Arc::new(prices),
             routes: Arc::new(routes),
             clickhouse,
+            otlp,
             connect_timeout: Duration::from_millis(c.connect_timeout_ms),
             first_byte_timeout: Duration::from_millis(c.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
@@ -287,6 +299,8 @@ pub struct ValidatedConfig {
     pub routes: Arc<RouteTable>,
     /// `None` when no ClickHouse URL is set.
     pub clickhouse: Option<ValidatedClickHouse>,
+    /// `None` when no OTLP endpoint is configured here or in `OTEL_EXPORTER_OTLP_*`.
+    pub otlp: Option<llmtap_ingest::export::otlp::ResolvedOtlp>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,

@@ -168,6 +168,8 @@ impl Proxy {
         meta.route = route.name.clone();
         meta.method = parts.method.as_str().to_owned();
         meta.path = path.clone();
+        meta.server_address = m.uri.host().unwrap_or_default().to_owned();
+        meta.server_port = m.uri.port_u16().unwrap_or(if m.uri.scheme_str() == Some("https") { 443 } else { 80 });
         let trace_id = meta.trace_id.clone();
         let mut overhead = started.elapsed();
 

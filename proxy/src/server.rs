@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use llmtap_ingest::export::otlp::spawn_otlp;
 use llmtap_ingest::export::prometheus::{LlmMetrics, MetricsObserver, Sources};
 use llmtap_ingest::recorder::{spawn_recorder, RecorderConfig};
 use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink, ShipperSettings};
@@ -34,13 +35,28 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     let admin_addr = admin_listener.local_addr()?;
 
     let metrics = LlmMetrics::new(cfg.raw.metrics.max_models).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    let mut observers: Vec<Box<dyn llmtap_ingest::recorder::RecordObserver>> =
+        vec![Box::new(MetricsObserver(metrics.clone()))];
+    let otlp = match &cfg.otlp {
+        Some(o) => {
+            let (observer, handle) = spawn_otlp(o.clone())?;
+            tracing::info!(
+                endpoint = o.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_*)"),
+                grpc = o.grpc,
+                "exporting OTLP spans and metrics"
+            );
+            observers.push(Box::new(observer));
+            Some(handle)
+        }
+        None => None,
+    };
     let (recorder_tx, recorder) = spawn_recorder(
         &cfg.raw.data_dir,
         RecorderConfig {
             log: cfg.raw.log.clone(),
             prices: cfg.prices.clone(),
             capture: cfg.capture.clone(),
-            observers: vec![Box::new(MetricsObserver(metrics.clone()))],
+            observers,
             cap_enforced_by_shipper: cfg.clickhouse.is_some(),
         },
     )
@@ -87,7 +103,7 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         recorder: Some(recorder_tx.stats().clone()),
         shipper: shipper.as_ref().map(|s| s.stats.clone()),
         prices: Some(cfg.prices.clone()),
-        otlp: None,
+        otlp: otlp.as_ref().map(|h| h.stats.clone()),
         trace_dir: Some(cfg.raw.data_dir.join("traces")),
     });
     let admin_state = Arc::new(AdminState {
@@ -147,6 +163,10 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     drop(recorder_tx);
     let stats = recorder.stats().clone();
     tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
+    if let Some(otlp) = otlp {
+        // The recorder is gone, so the exporter's queue is closed: it sends what it holds.
+        tokio::task::spawn_blocking(move || otlp.shutdown()).await?;
+    }
     if let Some(shipper) = shipper {
         // One last attempt to ship what is on disk; what ClickHouse does not take now stays
         // in the local log and goes out after the next start.

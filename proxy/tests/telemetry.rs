@@ -139,3 +139,197 @@ async fn health_and_readiness_report_in_json() {
     );
     assert!(v["clickhouse"].is_null(), "no ClickHouse configured");
 }
+
+use llmtap_testkit::otlp::OtlpReceiver;
+use llmtap_testkit::{fixtures_dir, Case};
+
+async fn wait_spans(r: &OtlpReceiver, n: usize) -> Vec<llmtap_testkit::otlp::ReceivedSpan> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = r.spans();
+        if s.len() >= n || Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_spans_and_metrics_follow_the_genai_conventions() {
+    let recv = OtlpReceiver::start().await.unwrap();
+    let env =
+        start(&format!("[otlp]\nendpoint = \"{}\"\nflush_interval_ms = 100\nmetrics_interval_ms = 300\n", recv.url()))
+            .await;
+    let mock_port = env.mock.addr.port();
+    // An OpenAI stream with two tool calls, inside the caller's trace.
+    let req = json!({"model": "gpt-4o", "stream": true, "max_tokens": 100, "temperature": 0.2, "top_p": 0.9, "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather"}}, {"type": "function", "function": {"name": "get_time"}}]});
+    let a = post_json(
+        &env.client,
+        &env.llmtap.url("/v1/chat/completions"),
+        &[
+            ("x-mock-tool-calls", "get_weather,get_time"),
+            ("x-llmtap-session", "conv-7"),
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ],
+        &req,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    // An Anthropic answer with cache reads and writes.
+    let dir = fixtures_dir();
+    let case = Case::load(&dir, "anthropic/messages_json").unwrap();
+    let b = post_json(
+        &env.client,
+        &env.llmtap.url(&case.path),
+        &[
+            ("x-mock-fixture", "anthropic/messages_json"),
+            ("traceparent", "00-11111111111111111111111111111111-2222222222222222-01"),
+        ],
+        &case.request,
+    )
+    .await;
+    assert_eq!(b.status, 200);
+    let spans = wait_spans(&recv, 2).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let rec_a = record(&env.llmtap.data_dir, &a.trace_id()).await;
+    let sa = spans.iter().find(|s| s.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+    assert_eq!(sa.parent_span_id, "00f067aa0ba902b7");
+    assert_eq!(sa.span_id, rec_a["span_id"].as_str().unwrap(), "the span is the record's span");
+    assert_eq!(sa.name, "chat gpt-4o");
+    assert_eq!(sa.kind, 3, "SPAN_KIND_CLIENT");
+    assert_eq!(sa.status_code, 0, "unset on success");
+    assert_eq!(sa.resource["service.name"], "llmtap");
+    let want = json!({
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+        "gen_ai.response.model": "gpt-4o", "gen_ai.response.id": "chatcmpl-mock", "gen_ai.response.finish_reasons": ["tool_calls"],
+        "gen_ai.usage.input_tokens": 11, "gen_ai.usage.output_tokens": 7, "gen_ai.request.max_tokens": 100,
+        "gen_ai.request.temperature": 0.2, "gen_ai.request.top_p": 0.9, "gen_ai.request.stream": true,
+        "gen_ai.conversation.id": "conv-7", "server.address": "127.0.0.1", "server.port": mock_port, "llmtap.route": "openai"
+    });
+    for (k, v) in want.as_object().unwrap() {
+        assert_eq!(&sa.attributes[k], v, "attribute {k}");
+    }
+    assert!(sa.attributes["gen_ai.response.time_to_first_chunk"].as_f64().unwrap() > 0.0);
+    assert!(!sa.attributes.contains_key("gen_ai.input.messages"), "content is opt-in");
+    assert!(!sa.attributes.contains_key("error.type"));
+    let events: Vec<(String, serde_json::Value, serde_json::Value)> = sa
+        .events
+        .iter()
+        .map(|(n, a)| (n.clone(), a["gen_ai.tool.name"].clone(), a["gen_ai.tool.call.id"].clone()))
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("gen_ai.tool.call".to_owned(), json!("get_weather"), json!("call_0")),
+            ("gen_ai.tool.call".to_owned(), json!("get_time"), json!("call_1")),
+        ]
+    );
+    let dur = (sa.end_unix_nano - sa.start_unix_nano) as f64 / 1e6;
+    assert!((dur - rec_a["duration_ms"].as_f64().unwrap()).abs() < 0.01, "span length is the record's duration");
+
+    let sb = spans.iter().find(|s| s.trace_id == "11111111111111111111111111111111").unwrap();
+    assert_eq!(sb.parent_span_id, "2222222222222222");
+    assert_eq!(sb.name, format!("chat {}", case.request["model"].as_str().unwrap()));
+    assert_eq!(sb.attributes["gen_ai.provider.name"], "anthropic");
+    assert_eq!(sb.attributes["gen_ai.usage.input_tokens"], case.expect["input_tokens"]);
+    assert_eq!(sb.attributes["gen_ai.usage.output_tokens"], case.expect["output_tokens"]);
+    assert_eq!(sb.attributes["gen_ai.usage.cache_read.input_tokens"], case.expect["cache_read_tokens"]);
+    assert_eq!(sb.attributes["gen_ai.usage.cache_creation.input_tokens"], case.expect["cache_write_tokens"]);
+    assert_eq!(sb.attributes["gen_ai.response.finish_reasons"], json!([case.expect["finish_reason"]]));
+    assert!(!sb.attributes.contains_key("gen_ai.request.stream"), "set only for streaming requests");
+
+    // Metrics: names, units and the conventions' bucket boundaries.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let hists = loop {
+        let h = recv.histograms();
+        let names: Vec<&str> = h.iter().map(|x| x.0.as_str()).collect();
+        if [
+            "gen_ai.client.operation.duration",
+            "gen_ai.client.token.usage",
+            "gen_ai.client.operation.time_to_first_chunk",
+        ]
+        .iter()
+        .all(|n| names.contains(n))
+            || Instant::now() > deadline
+        {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let find = |n: &str| hists.iter().rev().find(|h| h.0 == n).unwrap_or_else(|| panic!("no {n}: {hists:?}")).clone();
+    let d = find("gen_ai.client.operation.duration");
+    assert_eq!((d.1.as_str(), d.2.clone(), d.3), ("s", llmtap_ingest::export::otlp::SECONDS_BUCKETS.to_vec(), 2));
+    let t = find("gen_ai.client.token.usage");
+    assert_eq!((t.1.as_str(), t.2.clone()), ("{token}", llmtap_ingest::export::otlp::TOKEN_BUCKETS.to_vec()));
+    assert_eq!(t.3, 4, "input and output for each call");
+    assert!(t.4.iter().any(|a| a["gen_ai.token.type"] == "input" && a["gen_ai.provider.name"] == "anthropic"));
+    let f = find("gen_ai.client.operation.time_to_first_chunk");
+    assert_eq!((f.1.as_str(), f.3), ("s", 1), "streaming calls only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_message_content_only_when_opted_in() {
+    let recv = OtlpReceiver::start().await.unwrap();
+    let env = start(&format!(
+        "[otlp]\nendpoint = \"{}\"\nflush_interval_ms = 100\ncontent = true\nmetrics = false\n",
+        recv.url()
+    ))
+    .await;
+    let req = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "weather in Paris?"}]});
+    post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &[("x-mock-tool-calls", "get_weather")], &req)
+        .await;
+    let spans = wait_spans(&recv, 1).await;
+    let input: serde_json::Value =
+        serde_json::from_str(spans[0].attributes["gen_ai.input.messages"].as_str().unwrap()).unwrap();
+    assert_eq!(input, json!([{"role": "user", "parts": [{"type": "text", "content": "weather in Paris?"}]}]));
+    let output: serde_json::Value =
+        serde_json::from_str(spans[0].attributes["gen_ai.output.messages"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        output,
+        json!([{"role": "assistant", "finish_reason": "tool_calls",
+        "parts": [{"type": "tool_call", "id": "call_0", "name": "get_weather", "arguments": {"arg": 0}}]}])
+    );
+    assert_eq!(spans[0].events[0].1["gen_ai.tool.call.arguments"], "{\"arg\":0}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_collector_costs_spans_not_calls() {
+    let env = start("[otlp]\nendpoint = \"http://127.0.0.1:9\"\nflush_interval_ms = 50\nmetrics = false\nqueue_capacity = 256\nbatch_size = 64\n").await;
+    let mut tasks = Vec::new();
+    for chunk in 0..20 {
+        let c = env.client.clone();
+        let url = env.llmtap.url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let r = post_json(
+                    &c,
+                    &url,
+                    &[],
+                    &json!({"model": "gpt-4o", "stream": (chunk + i) % 2 == 0, "messages": []}),
+                )
+                .await;
+                assert_eq!(r.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(records_at_least(&env.llmtap.data_dir, 1000).await.len(), 1000, "every call recorded");
+    let admin = format!("http://{}/metrics", env.llmtap.admin);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = String::from_utf8(get(&env.client, &admin).await.body.to_vec()).unwrap();
+        let dropped: u64 =
+            text.lines().find_map(|l| l.strip_prefix("llmtap_otlp_spans_dropped_total ")).unwrap().parse().unwrap();
+        let exported: u64 =
+            text.lines().find_map(|l| l.strip_prefix("llmtap_otlp_spans_exported_total ")).unwrap().parse().unwrap();
+        assert_eq!(exported, 0);
+        if dropped > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dropped-span counter never rose");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -142,6 +142,7 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 pub mod chdb;
+pub mod otlp;
 pub mod process;
 pub mod tools;
 

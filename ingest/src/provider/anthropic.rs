@@ -26,6 +26,12 @@ struct Request<'a> {
     metadata: Option<Metadata<'a>>,
     #[serde(borrow, default, deserialize_with = "null_default")]
     tools: Vec<ToolDef<'a>>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +76,8 @@ struct MessageObj<'a> {
 struct Block<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     text: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -171,6 +179,12 @@ impl Protocol for AnthropicProtocol {
         if let Ok(r) = parse_json::<Request<'_>>(req.body) {
             facts.request_model = r.model.map(Cow::into_owned).unwrap_or_default();
             facts.streamed = r.stream.unwrap_or(false);
+            facts.params = super::RequestParams {
+                max_tokens: r.max_tokens,
+                temperature: r.temperature,
+                top_p: r.top_p,
+                stream: facts.streamed,
+            };
             if let Some(u) = r.metadata.and_then(|m| m.user_id).filter(|u| !u.is_empty()) {
                 facts.user_id = u.into_owned();
             }
@@ -204,6 +218,7 @@ impl Protocol for AnthropicProtocol {
                         facts.tool_calls.push(ToolCall {
                             name: b.name.map(Cow::into_owned).unwrap_or_default(),
                             arguments: String::new(),
+                            id: b.id.map(Cow::into_owned).unwrap_or_default(),
                         });
                         let initial = b.input.map(|r| r.get().to_owned()).unwrap_or_default();
                         self.blocks.push((ev.index.unwrap_or(0), at, initial));
@@ -284,6 +299,7 @@ impl Protocol for AnthropicProtocol {
                 "tool_use" | "server_tool_use" => facts.tool_calls.push(ToolCall {
                     name: b.name.map(Cow::into_owned).unwrap_or_default(),
                     arguments: b.input.map(|r| r.get().to_owned()).unwrap_or_default(),
+                    id: b.id.map(Cow::into_owned).unwrap_or_default(),
                 }),
                 _ => {}
             }

@@ -13,9 +13,23 @@ use crate::record::Operation;
 pub struct GeminiProtocol;
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Request<'a> {
     #[serde(borrow, default, deserialize_with = "null_default")]
     tools: Vec<ToolGroup<'a>>,
+    #[serde(default)]
+    generation_config: Option<GenerationConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig {
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -74,6 +88,8 @@ struct Part<'a> {
 
 #[derive(Deserialize)]
 struct FunctionCall<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     name: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -139,6 +155,7 @@ impl GeminiProtocol {
                     facts.tool_calls.push(ToolCall {
                         name: fc.name.map(Cow::into_owned).unwrap_or_default(),
                         arguments: fc.args.map(|a| a.get().to_owned()).unwrap_or_default(),
+                        id: fc.id.map(Cow::into_owned).unwrap_or_default(),
                     });
                 } else if let Some(t) = part.text.filter(|t| !t.is_empty()) {
                     content = true;
@@ -162,7 +179,13 @@ impl Protocol for GeminiProtocol {
             _ => Operation::Other,
         };
         facts.streamed = method == "streamGenerateContent";
+        facts.params.stream = facts.streamed;
         if let Ok(r) = parse_json::<Request<'_>>(req.body) {
+            if let Some(g) = &r.generation_config {
+                facts.params.max_tokens = g.max_output_tokens;
+                facts.params.temperature = g.temperature;
+                facts.params.top_p = g.top_p;
+            }
             facts.tools_offered = r
                 .tools
                 .into_iter()

@@ -29,6 +29,12 @@ struct Request<'a> {
     tools: Vec<ToolDef<'a>>,
     #[serde(borrow, default, deserialize_with = "null_default")]
     functions: Vec<FunctionDef<'a>>,
+    #[serde(default, alias = "max_completion_tokens", alias = "max_output_tokens")]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -138,6 +144,8 @@ struct ToolCallDelta<'a> {
     #[serde(default)]
     index: Option<usize>,
     #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     function: Option<FunctionDelta<'a>>,
 }
 
@@ -181,6 +189,8 @@ struct ResponsesObject<'a> {
 struct ResponsesItem<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    call_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     name: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -292,6 +302,11 @@ impl OpenAiProtocol {
                 content = true;
                 let idx = if streaming { tc.index.unwrap_or(pos) } else { facts.tool_calls.len() };
                 let call = facts.tool_call_at(idx);
+                if let Some(id) = tc.id.filter(|s| !s.is_empty()) {
+                    if call.id.is_empty() {
+                        call.id = id.into_owned();
+                    }
+                }
                 if let Some(f) = tc.function {
                     if let Some(n) = f.name.filter(|s| !s.is_empty()) {
                         if call.name.is_empty() {
@@ -333,6 +348,7 @@ fn apply_responses_item(item: ResponsesItem<'_>, facts: &mut Facts) {
         "function_call" | "custom_tool_call" => facts.tool_calls.push(ToolCall {
             name: item.name.map(Cow::into_owned).unwrap_or_default(),
             arguments: item.arguments.map(Cow::into_owned).unwrap_or_default(),
+            id: item.call_id.map(Cow::into_owned).unwrap_or_default(),
         }),
         "message" => {
             for c in item.content {
@@ -364,6 +380,12 @@ impl Protocol for OpenAiProtocol {
             facts.request_model = m.into_owned();
         }
         facts.streamed = r.stream.unwrap_or(false);
+        facts.params = super::RequestParams {
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            stream: facts.streamed,
+        };
         if let Some(u) = r.user.filter(|u| !u.is_empty()) {
             facts.user_id = u.into_owned();
         }
