@@ -688,21 +688,31 @@ mod tests {
     fn off_without_endpoint_on_with_config_or_env() {
         assert!(OtlpConfig::default().resolve(&[]).unwrap().is_none());
         let r = OtlpConfig::default()
-            .resolve(&vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"), ("OTEL_SERVICE_NAME", "checkout")]))
+            .resolve(&vars(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_SERVICE_NAME", "checkout"),
+            ]))
             .unwrap()
             .unwrap();
         assert!(r.grpc);
         assert_eq!(r.endpoint, None, "the exporter reads the env endpoint itself");
         assert_eq!(r.cfg.service_name, "checkout");
         let r = OtlpConfig { endpoint: "http://c:4318/".into(), ..Default::default() }.resolve(&[]).unwrap().unwrap();
-        assert_eq!((r.grpc, r.endpoint.as_deref(), r.cfg.service_name.as_str()), (false, Some("http://c:4318"), "llmtap"));
+        assert_eq!(
+            (r.grpc, r.endpoint.as_deref(), r.cfg.service_name.as_str()),
+            (false, Some("http://c:4318"), "llmtap")
+        );
     }
 
     #[test]
     fn bad_values_name_the_key() {
         let e = OtlpConfig { endpoint: "c:4318".into(), ..Default::default() }.resolve(&[]).unwrap_err().to_string();
         assert_eq!(e, "otlp.endpoint = \"c:4318\": expected an http:// or https:// URL");
-        let e = OtlpConfig { endpoint: "http://c".into(), protocol: "thrift".into(), ..Default::default() }.resolve(&[]).unwrap_err().to_string();
+        let e = OtlpConfig { endpoint: "http://c".into(), protocol: "thrift".into(), ..Default::default() }
+            .resolve(&[])
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "otlp.protocol = \"thrift\": expected http/protobuf or grpc");
     }
 
@@ -712,7 +722,8 @@ mod tests {
         assert_eq!(semconv_operation(Operation::Responses), Some("chat"));
         assert_eq!(semconv_operation(Operation::Completions), Some("text_completion"));
         assert_eq!(semconv_operation(Operation::Other), None);
-        let r = |p: &str, route: &str| TraceRecord { provider: p.into(), route: route.into(), ..TraceRecord::default() };
+        let r =
+            |p: &str, route: &str| TraceRecord { provider: p.into(), route: route.into(), ..TraceRecord::default() };
         assert_eq!(semconv_provider(&r("gemini", "gemini")), "gcp.gemini");
         assert_eq!(semconv_provider(&r("openai", "azure")), "azure.ai.openai");
         assert_eq!(semconv_provider(&r("openai", "vllm")), "openai");
