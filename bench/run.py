@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""llmtap's benchmark harness: one command, targets side by side in the same run.
+
+    python3 bench/run.py            # full run (about 15 minutes on 2 cores)
+    python3 bench/run.py --quick    # shorter scenarios, for a smoke check
+
+Targets, alternating within each round: the mock upstream directly; nginx as a plain
+reverse proxy (proxy_buffering off, upstream keepalive); llmtap with capture on (local
+log); llmtap shipping to the ClickHouse engine (chdb behind the test adapter, when the
+venv from `make test` exists). Scenarios: non-streaming at 1,000 and 5,000 req/s
+(open loop), streaming (20 chunks) at 500 req/s, closed loop with 64 connections,
+and 1,000 streams held open (a chunk every 50 ms for 10 s).
+
+Per target: achieved rate, errors, p50/p90/p99/p99.9/max of time to first byte (TTFT for
+streams) and total time, latency added over direct (difference of p50s and of p99s in the
+same round), proxy CPU microseconds per request (/proc utime+stime), peak RSS (VmHWM).
+Results: bench/results/<UTC time>.json and .md; the table is printed at the end.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def peak_rss_mb(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def children_of(pid):
+    out = [pid]
+    try:
+        for c in open(f"/proc/{pid}/task/{pid}/children").read().split():
+            out += children_of(int(c))
+    except OSError:
+        pass
+    return out
+
+
+class Proc:
+    def __init__(self, name, args, env=None, port=None, cwd=None):
+        self.name = name
+        self.port = port
+        e = dict(os.environ)
+        e.update(env or {})
+        self.p = subprocess.Popen(args, env=e, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                  start_new_session=True)
+
+    def pids(self):
+        return children_of(self.p.pid)
+
+    def stop(self):
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            self.p.wait(timeout=30)
+        except Exception:
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except Exception:
+                pass
+
+
+def ensure_nginx():
+    if shutil.which("nginx"):
+        return
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True)
+    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx-light"], check=True,
+                   env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def start_mock():
+    p = Proc("mock", [os.path.join(REL, "llmtap-mock"), "--listen", "127.0.0.1:0"])
+    addr = p.p.stdout.readline().strip()
+    p.port = int(addr.rsplit(":", 1)[1])
+    return p
+
+
+def start_nginx(mock_port, work):
+    port = free_port()
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 2;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {work}/nginx-body;
+  proxy_temp_path {work}/nginx-proxy;
+  upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 512; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+    }}
+  }}
+}}
+""")
+    p = Proc("nginx", ["nginx", "-c", conf, "-p", work, "-g", "daemon off;"], port=port)
+    wait_port(port)
+    return p
+
+
+def start_llmtap(mock_port, work, name, clickhouse_url=None):
+    port, admin = free_port(), free_port()
+    data = os.path.join(work, name)
+    env = {"LLMTAP_UPSTREAM_OPENAI": f"http://127.0.0.1:{mock_port}", "LLMTAP_LOG_LEVEL": "warn"}
+    if clickhouse_url:
+        env["LLMTAP_CLICKHOUSE_URL"] = clickhouse_url
+    p = Proc(name, [os.path.join(REL, "llmtap"), "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen",
+                    f"127.0.0.1:{admin}", "--data-dir", data], env=env, port=port)
+    p.admin = admin
+    wait_port(port)
+    return p
+
+
+def start_chdb(work):
+    py = os.path.join(ROOT, ".venv", "bin", "python")
+    if not os.path.exists(py):
+        return None
+    p = Proc("chdb", [py, os.path.join(ROOT, "tests", "chdb", "adapter.py"), "--listen", "127.0.0.1:0", "--path",
+                      os.path.join(work, "chdb")])
+    addr = p.p.stdout.readline().strip()
+    p.port = int(addr.rsplit(":", 1)[1])
+    return p
+
+
+def metric(p, name):
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{p.admin}/metrics", timeout=5).read().decode()
+    except Exception:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def load(target_port, sc, path="/v1/chat/completions"):
+    args = [os.path.join(REL, "llmtap-load"), "--url", f"http://127.0.0.1:{target_port}{path}", "--mode", sc["mode"],
+            "--duration", str(sc["duration"])]
+    if sc["mode"] == "open":
+        args += ["--rate", str(sc["rate"])]
+    else:
+        args += ["--connections", str(sc["connections"])]
+    if sc.get("stream"):
+        args += ["--body", '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello."}]}']
+    for h in sc.get("headers", []):
+        args += ["--header", h]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def scenarios(quick):
+    d = 4 if quick else 10
+    return [
+        {"name": "json 1k/s", "mode": "open", "rate": 1000, "duration": d},
+        {"name": "json 5k/s", "mode": "open", "rate": 5000, "duration": 6 if quick else 20},
+        {"name": "sse 20 chunks 500/s", "mode": "open", "rate": 500, "duration": d, "stream": True,
+         "headers": ["x-mock-chunks: 20", "x-mock-chunk-delay-ms: 5"]},
+        {"name": "closed 64 conns", "mode": "closed", "connections": 64, "duration": d},
+        {"name": "1000 open streams", "mode": "streams", "connections": 1000, "duration": 10, "stream": True,
+         "headers": ["x-mock-chunks: 200", "x-mock-chunk-delay-ms: 50"]},
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--only", help="comma-separated scenario name prefixes")
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, hard), hard))
+    ensure_nginx()
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "llmtap", "-p", "llmtap-testkit", "--bins"], cwd=ROOT,
+                       check=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    results = []
+    for sc in scenarios(args.quick):
+        if args.only and not any(sc["name"].startswith(o.strip()) for o in args.only.split(",")):
+            continue
+        work = tempfile.mkdtemp(prefix="llmtap-bench-")
+        mock = start_mock()
+        chdb = start_chdb(work)
+        targets = [("direct", mock), ("nginx", start_nginx(mock.port, work)), ("llmtap", start_llmtap(mock.port, work, "llmtap"))]
+        if chdb:
+            targets.append(("llmtap+clickhouse", start_llmtap(mock.port, work, "llmtap-ch", f"http://127.0.0.1:{chdb.port}")))
+        time.sleep(1)
+        for run in range(1, args.runs + 1):
+            order = targets if run % 2 else list(reversed(targets))
+            round_rows = {}
+            for name, proc in order:
+                before = cpu_ticks(proc.pids())
+                r = load(proc.port, sc)
+                after = cpu_ticks(proc.pids())
+                row = {"scenario": sc["name"], "run": run, "target": name, **r}
+                row["cpu_us_per_req"] = None if name == "direct" else (after - before) / CLK * 1e6 / max(r["requests"], 1)
+                if name.startswith("llmtap"):
+                    row["records_dropped"] = metric(proc, "llmtap_trace_log_records_dropped_total")
+                round_rows[name] = row
+                print(f"  {sc['name']:<22} run {run} {name:<18} {r['achieved_rate']:>8.0f}/s errors {r['errors']:<5} "
+                      f"ttfb p50 {r['ttfb_ms']['p50']:.3f} p99 {r['ttfb_ms']['p99']:.3f} ms", file=sys.stderr)
+                time.sleep(1)
+            direct = round_rows["direct"]
+            for name, row in round_rows.items():
+                row["added_p50_ms"] = row["ttfb_ms"]["p50"] - direct["ttfb_ms"]["p50"]
+                row["added_p99_ms"] = row["ttfb_ms"]["p99"] - direct["ttfb_ms"]["p99"]
+                results.append(row)
+        for name, proc in targets:
+            for row in results:
+                if row["scenario"] == sc["name"] and row["target"] == name:
+                    row["peak_rss_mb"] = peak_rss_mb(proc.pids())
+        for _, proc in targets:
+            proc.stop()
+        if chdb:
+            chdb.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = os.path.join(ROOT, "bench", "results")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"commit": commit, "utc": stamp, "cores": os.cpu_count(), "quick": args.quick}
+    with open(os.path.join(out_dir, f"{stamp}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": results}, f, indent=1)
+    lines = [f"llmtap benchmark at {commit}, {stamp}, {os.cpu_count()} cores", "",
+             "| scenario | run | target | req/s | errors | ttfb p50 | p90 | p99 | p99.9 | max | total p99 | added p50 | added p99 | CPU µs/req | peak RSS MB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        t = r["ttfb_ms"]
+        cpu = "-" if r["cpu_us_per_req"] is None else f"{r['cpu_us_per_req']:.0f}"
+        lines.append(f"| {r['scenario']} | {r['run']} | {r['target']} | {r['achieved_rate']:.0f} | {r['errors']} | {t['p50']:.3f} | "
+                     f"{t['p90']:.3f} | {t['p99']:.3f} | {t['p999']:.3f} | {t['max']:.3f} | {r['total_ms']['p99']:.3f} | "
+                     f"{r['added_p50_ms']:+.3f} | {r['added_p99_ms']:+.3f} | {cpu} | {r.get('peak_rss_mb', 0):.1f} |")
+    md = "\n".join(lines) + "\n\nLatency in ms; ttfb is time to first body byte (TTFT for streams), measured from each request's scheduled send time. Dropped records: " + \
+        ", ".join(f"{r['scenario']}/{r['target']}/run{r['run']}={r['records_dropped']:.0f}" for r in results if r.get("records_dropped") is not None) + "\n"
+    with open(os.path.join(out_dir, f"{stamp}.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+//! `llmtap-load`: the benchmark load generator.
+//!
+//! - `open`: constant arrival rate. Request i is due at start + i/rate; latency is measured
+//!   from that scheduled time, so a stalled target cannot hide behind requests it delayed
+//!   (no coordinated omission). Requests that could not even be started on time count.
+//! - `closed`: C connections each sending back to back, for maximum throughput.
+//! - `streams`: C streams held open at once (the upstream paces chunks), for memory.
+//!
+//! Reports JSON on stdout: achieved rate, errors, and p50/p90/p99/p99.9/max of time to the
+//! first body byte (TTFT for streams: the first SSE frame) and of total time, in ms.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Mode {
+    Open,
+    Closed,
+    Streams,
+}
+
+#[derive(Parser)]
+#[command(name = "llmtap-load", about = "Open- and closed-loop HTTP load for llmtap benchmarks")]
+struct Args {
+    #[arg(long)]
+    url: String,
+    #[arg(long, value_enum, default_value_t = Mode::Open)]
+    mode: Mode,
+    /// Requests per second (open).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Connections or concurrent streams (closed, streams).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Request body (JSON).
+    #[arg(long, default_value = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}]}"#)]
+    body: String,
+    /// Extra header `name: value` (repeatable).
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Seconds a request may take before it counts as an error.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+}
+
+struct Stats {
+    ttfb: Mutex<Histogram<u64>>,
+    total: Mutex<Histogram<u64>>,
+    ok: AtomicU64,
+    errors: AtomicU64,
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn one(client: &HttpClient, args: &Args, scheduled: Instant, stats: &Stats) {
+    let mut req = http::Request::post(&args.url).header("content-type", "application/json");
+    for h in &args.headers {
+        if let Some((k, v)) = h.split_once(':') {
+            req = req.header(k.trim(), v.trim());
+        }
+    }
+    let Ok(req) = req.body(Full::new(Bytes::from(args.body.clone()))) else {
+        stats.errors.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let work = async {
+        let resp = client.request(req).await.map_err(|_| ())?;
+        if !resp.status().is_success() {
+            return Err(());
+        }
+        let mut body = resp.into_body();
+        let mut first: Option<Duration> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| ())?;
+            if first.is_none() && frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                first = Some(scheduled.elapsed());
+            }
+        }
+        Ok::<_, ()>((first.unwrap_or_else(|| scheduled.elapsed()), scheduled.elapsed()))
+    };
+    match tokio::time::timeout(Duration::from_secs_f64(args.timeout), work).await {
+        Ok(Ok((ttfb, total))) => {
+            stats.ok.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut h) = stats.ttfb.lock() {
+                let _ = h.record(ttfb.as_micros() as u64);
+            }
+            if let Ok(mut h) = stats.total.lock() {
+                let _ = h.record(total.as_micros() as u64);
+            }
+        }
+        _ => {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn summary(h: &Histogram<u64>) -> serde_json::Value {
+    let ms = |v: u64| v as f64 / 1000.0;
+    serde_json::json!({
+        "p50": ms(h.value_at_quantile(0.50)), "p90": ms(h.value_at_quantile(0.90)), "p99": ms(h.value_at_quantile(0.99)),
+        "p999": ms(h.value_at_quantile(0.999)), "max": ms(h.max()), "mean": h.mean() / 1000.0,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let client: HttpClient = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(4096)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .build_http();
+        let stats = Arc::new(Stats {
+            ttfb: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
+            total: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
+            ok: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        });
+        let start = Instant::now();
+        let run_for = Duration::from_secs_f64(args.duration);
+        let mut tasks = Vec::new();
+        match args.mode {
+            Mode::Open => {
+                let n = (args.rate * args.duration).round() as u64;
+                for i in 0..n {
+                    let due = start + Duration::from_secs_f64(i as f64 / args.rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    let (c, a, s) = (client.clone(), args.clone(), stats.clone());
+                    tasks.push(tokio::spawn(async move { one(&c, &a, due, &s).await }));
+                }
+            }
+            Mode::Closed => {
+                for _ in 0..args.connections {
+                    let (c, a, s) = (client.clone(), args.clone(), stats.clone());
+                    tasks.push(tokio::spawn(async move {
+                        while start.elapsed() < run_for {
+                            one(&c, &a, Instant::now(), &s).await;
+                        }
+                    }));
+                }
+            }
+            Mode::Streams => {
+                for _ in 0..args.connections {
+                    let (c, a, s) = (client.clone(), args.clone(), stats.clone());
+                    tasks.push(tokio::spawn(async move { one(&c, &a, Instant::now(), &s).await }));
+                }
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let ok = stats.ok.load(Ordering::Relaxed);
+        let errors = stats.errors.load(Ordering::Relaxed);
+        let out = serde_json::json!({
+            "requests": ok + errors, "ok": ok, "errors": errors, "seconds": elapsed,
+            "achieved_rate": ok as f64 / (if args.mode == Mode::Open { args.duration.max(elapsed.min(args.duration)) } else { elapsed }),
+            "ttfb_ms": summary(&*stats.ttfb.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
+            "total_ms": summary(&*stats.total.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
+        });
+        println!("{out}");
+        Ok(())
+    })
+}
