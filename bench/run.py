@@ -118,7 +118,7 @@ def ensure_nginx():
         return
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True)
-    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx-light"], check=True,
+    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx"], check=True,
                    env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
 
 

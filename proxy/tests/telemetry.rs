@@ -333,3 +333,35 @@ async fn a_dead_collector_costs_spans_not_calls() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_grpc_export_reaches_a_grpc_receiver() {
+    let recv = OtlpReceiver::start().await.unwrap();
+    let env = start(&format!(
+        "[otlp]\nendpoint = \"{}\"\nprotocol = \"grpc\"\nflush_interval_ms = 100\nmetrics_interval_ms = 300\n",
+        recv.url()
+    ))
+    .await;
+    let r = post_json(
+        &env.client,
+        &env.llmtap.url("/v1/chat/completions"),
+        &[],
+        &json!({"model": "gpt-4o-mini", "messages": []}),
+    )
+    .await;
+    let spans = wait_spans(&recv, 1).await;
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].trace_id, r.trace_id());
+    assert_eq!(spans[0].name, "chat gpt-4o-mini");
+    assert_eq!(spans[0].attributes["gen_ai.usage.output_tokens"], 7);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !recv.histograms().iter().any(|h| h.0 == "gen_ai.client.operation.duration") {
+        assert!(Instant::now() < deadline, "no metrics over gRPC");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The collector acknowledged it: counted as exported, not dropped.
+    let text = String::from_utf8(get(&env.client, &format!("http://{}/metrics", env.llmtap.admin)).await.body.to_vec())
+        .unwrap();
+    assert!(text.lines().any(|l| l == "llmtap_otlp_spans_exported_total 1"), "{text}");
+    assert!(text.lines().any(|l| l == "llmtap_otlp_spans_dropped_total 0"));
+}

@@ -1,5 +1,6 @@
-//! A real OTLP/HTTP receiver for tests: `POST /v1/traces` and `/v1/metrics` bodies decoded
-//! with `opentelemetry-proto`, kept for assertions.
+//! A real OTLP receiver for tests: OTLP/HTTP (`POST /v1/traces`, `/v1/metrics`) and OTLP/gRPC
+//! (h2c, `…TraceService/Export`, `…MetricsService/Export`), bodies decoded with
+//! `opentelemetry-proto` and kept for assertions.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -33,6 +35,31 @@ pub struct OtlpReceiver {
 impl Drop for OtlpReceiver {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A successful unary gRPC answer: an empty message, then `grpc-status: 0` in trailers.
+#[derive(Default)]
+struct GrpcOk(u8);
+
+impl hyper::body::Body for GrpcOk {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0 += 1;
+        std::task::Poll::Ready(match self.0 {
+            1 => Some(Ok(hyper::body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0])))),
+            2 => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                Some(Ok(hyper::body::Frame::trailers(trailers)))
+            }
+            _ => None,
+        })
     }
 }
 
@@ -94,7 +121,24 @@ impl OtlpReceiver {
                         let g = g.clone();
                         async move {
                             let path = req.uri().path().to_owned();
+                            let grpc = req
+                                .headers()
+                                .get(http::header::CONTENT_TYPE)
+                                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
                             let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                            // gRPC: one length-prefixed message (flag byte, u32 big-endian length).
+                            let (path, body) = if grpc && body.len() >= 5 {
+                                let kind = if path.ends_with("TraceService/Export") {
+                                    "/v1/traces"
+                                } else if path.ends_with("MetricsService/Export") {
+                                    "/v1/metrics"
+                                } else {
+                                    ""
+                                };
+                                (kind.to_owned(), body.slice(5..))
+                            } else {
+                                (path, body)
+                            };
                             if let Ok(mut r) = g.lock() {
                                 match path.as_str() {
                                     "/v1/traces" => {
@@ -110,7 +154,15 @@ impl OtlpReceiver {
                                     _ => {}
                                 }
                             }
-                            let mut resp = Response::new(Full::new(Bytes::new()));
+                            if grpc {
+                                let mut resp = Response::new(BoxBody::new(GrpcOk::default()));
+                                resp.headers_mut().insert(
+                                    http::header::CONTENT_TYPE,
+                                    http::HeaderValue::from_static("application/grpc"),
+                                );
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            let mut resp = Response::new(BoxBody::new(Full::new(Bytes::new())));
                             resp.headers_mut().insert(
                                 http::header::CONTENT_TYPE,
                                 http::HeaderValue::from_static("application/x-protobuf"),
