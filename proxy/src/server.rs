@@ -25,9 +25,8 @@ use crate::upstream::build_client;
 
 /// Runs `serve` until `shutdown` resolves. Returns after every record is on disk.
 pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("listen = {:?}: cannot bind: {e}", cfg.raw.listen))?;
+    let listener =
+        bind_listener(cfg.listen).map_err(|e| anyhow::anyhow!("listen = {:?}: cannot bind: {e}", cfg.raw.listen))?;
     let admin_listener = TcpListener::bind(cfg.admin_listen)
         .await
         .map_err(|e| anyhow::anyhow!("admin_listen = {:?}: cannot bind: {e}", cfg.raw.admin_listen))?;
@@ -178,6 +177,16 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         "trace log flushed; bye"
     );
     Ok(())
+}
+
+/// Binds with a deep accept queue: a burst of new connections (a fleet reconnecting, a
+/// thousand streams opening at once) waits in the kernel instead of overflowing into SYN
+/// retransmits, which cost clients a second each. tokio's default backlog is 1024.
+fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -20,7 +20,6 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Deserialize;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// Counters of what the mock served.
@@ -91,7 +90,11 @@ impl MockUpstream {
         fixtures: &Path,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> std::io::Result<MockUpstream> {
-        let listener = TcpListener::bind(addr).await?;
+        // A deep accept queue, as a real server has: the benchmarks open 1,000 streams at once.
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(MockStats::default());
         let state = Arc::new(State { fixtures: fixtures.to_path_buf(), stats: stats.clone(), last: Mutex::new(None) });
