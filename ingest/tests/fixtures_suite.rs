@@ -15,7 +15,6 @@ use llmtap_ingest::{
     CallMeta, ErrorKind, Exchange, ExchangeLimits, ProviderKind, RequestOptions, RequestView, TraceRecord,
 };
 use llmtap_testkit::{all_cases, fixtures_dir, Case};
-use serde_json::Value;
 
 /// Client path → (provider, upstream path, query), mirroring the default routes and the
 /// `/compat` route the proxy tests configure.
@@ -71,17 +70,7 @@ fn run(case: &Case, frames: &[&[u8]]) -> (TraceRecord, Vec<u8>) {
 }
 
 fn check(name: &str, case: &Case, rec: &TraceRecord) {
-    let got = serde_json::to_value(rec).unwrap();
-    for (k, want) in &case.expect {
-        let have = &got[k];
-        match (want, have) {
-            (Value::Number(w), Value::Number(h)) if w.is_f64() || h.is_f64() => {
-                let (w, h) = (w.as_f64().unwrap(), h.as_f64().unwrap());
-                assert!((w - h).abs() <= 1e-12_f64.max(w.abs() * 1e-9), "{name}: {k}: want {w}, got {h}");
-            }
-            _ => assert_eq!(have, want, "{name}: {k}"),
-        }
-    }
+    llmtap_testkit::check_expect(name, &case.expect, &serde_json::to_value(rec).unwrap());
 }
 
 #[test]

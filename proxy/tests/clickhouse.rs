@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,25 +18,6 @@ use serde_json::{json, Value};
 
 fn llmtap_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_llmtap"))
-}
-
-fn cli(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
-    let mut cmd = Command::new(llmtap_bin());
-    cmd.args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LLMTAP_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// llmtap shipping to `ch`, in front of a fresh mock.
@@ -124,12 +104,12 @@ fn migrations_apply_twice_match_the_dry_run_and_refuse_newer_schemas() {
     let Some(py) = chdb::python() else { return };
     let ch = ChdbAdapter::start(&py).unwrap();
     let env = vec![("LLMTAP_CLICKHOUSE_URL", ch.url())];
-    let (code, dry, err) = cli(&["migrate", "--dry-run"], &env);
+    let (code, dry, err) = llmtap_cli(&["migrate", "--dry-run"], &env);
     assert_eq!(code, 0, "{err}");
     let planned: Vec<String> = dry.split(";\n\n").map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
     assert_eq!(planned.len(), 2 + 6 + 5, "bootstrap, 6 statements, 5 version rows: {planned:#?}");
     ch.reset_log().unwrap();
-    let (code, _, err) = cli(&["migrate"], &env);
+    let (code, _, err) = llmtap_cli(&["migrate"], &env);
     assert_eq!(code, 0, "{err}");
     let executed: Vec<String> =
         ch.statements().unwrap().into_iter().filter(|s| !s.starts_with("SELECT version")).collect();
@@ -152,9 +132,9 @@ fn migrations_apply_twice_match_the_dry_run_and_refuse_newer_schemas() {
         assert!(tables.contains(&t.to_owned()), "{t} missing from {tables:?}");
     }
     // Again: nothing pending, nothing fails.
-    let (code, _, err) = cli(&["migrate"], &env);
+    let (code, _, err) = llmtap_cli(&["migrate"], &env);
     assert_eq!(code, 0, "{err}");
-    let (_, dry2, _) = cli(&["migrate", "--dry-run"], &env);
+    let (_, dry2, _) = llmtap_cli(&["migrate", "--dry-run"], &env);
     assert_eq!(dry2.matches("CREATE TABLE").count(), 1, "only the bootstrap's migrations table remains: {dry2}");
     // Every migration's statements run twice over (idempotent).
     let ctx = SchemaContext {
@@ -181,7 +161,7 @@ fn migrations_apply_twice_match_the_dry_run_and_refuse_newer_schemas() {
     assert_eq!(n, 2 + 11);
     // A schema newer than this binary is refused.
     ch.query("INSERT INTO default.llmtap_migrations VALUES (99, 'future', '', now64(3))").unwrap();
-    let (code, _, err) = cli(&["migrate"], &env);
+    let (code, _, err) = llmtap_cli(&["migrate"], &env);
     assert_eq!(code, 2);
     assert!(err.contains("schema is at version 99, newer than this llmtap knows (5)"), "{err}");
 }
@@ -235,9 +215,9 @@ async fn calls_arrive_in_clickhouse_with_exact_values_and_stats_agree() {
     // stats from ClickHouse is the local table.
     let env = vec![("LLMTAP_CLICKHOUSE_URL", ch.url())];
     let data = p.data_dir.to_str().unwrap();
-    let (code, local_stats, err) = cli(&["stats", "--data-dir", data, "--json"], &env);
+    let (code, local_stats, err) = llmtap_cli(&["stats", "--data-dir", data, "--json"], &env);
     assert_eq!(code, 0, "{err}");
-    let (code, ch_stats, err) = cli(&["stats", "--from", "clickhouse", "--json"], &env);
+    let (code, ch_stats, err) = llmtap_cli(&["stats", "--from", "clickhouse", "--json"], &env);
     assert_eq!(code, 0, "{err}");
     let (a, b): (Value, Value) =
         (serde_json::from_str(&local_stats).unwrap(), serde_json::from_str(&ch_stats).unwrap());

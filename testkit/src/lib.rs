@@ -192,6 +192,22 @@ impl Case {
     }
 }
 
+/// Asserts every field of a case's `expect` block on a record (as JSON); floats compare to
+/// 1e-9 relative (costs are sums of products), everything else exactly.
+pub fn check_expect(name: &str, expect: &serde_json::Map<String, serde_json::Value>, record: &serde_json::Value) {
+    use serde_json::Value;
+    for (k, want) in expect {
+        let have = &record[k];
+        match (want, have) {
+            (Value::Number(w), Value::Number(h)) if w.is_f64() || h.is_f64() => {
+                let (w, h) = (w.as_f64().unwrap_or(f64::NAN), h.as_f64().unwrap_or(f64::NAN));
+                assert!((w - h).abs() <= 1e-12_f64.max(w.abs() * 1e-9), "{name}: {k}: want {w}, got {h}");
+            }
+            _ => assert_eq!(have, want, "{name}: {k}"),
+        }
+    }
+}
+
 /// Every case name (`provider/case`) in the fixture folder, sorted.
 pub fn all_cases(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();

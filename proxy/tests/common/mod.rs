@@ -1,7 +1,7 @@
 //! Helpers shared by the proxy's end-to-end tests: a mock upstream plus the real `llmtap`
 //! binary wired to it, and a plain hyper client.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -132,16 +132,25 @@ pub async fn record(data_dir: &Path, trace_id: &str) -> Value {
     }
 }
 
-/// Asserts every `expect` field of a fixture case on a record (floats to 1e-9 relative).
-pub fn check_expect(name: &str, expect: &serde_json::Map<String, Value>, rec: &Value) {
-    for (k, want) in expect {
-        let have = &rec[k];
-        match (want, have) {
-            (Value::Number(w), Value::Number(h)) if w.is_f64() || h.is_f64() => {
-                let (w, h) = (w.as_f64().unwrap(), h.as_f64().unwrap());
-                assert!((w - h).abs() <= 1e-12_f64.max(w.abs() * 1e-9), "{name}: {k}: want {w}, got {h}");
-            }
-            _ => assert_eq!(have, want, "{name}: {k}"),
+pub use llmtap_testkit::check_expect;
+
+/// Runs the `llmtap` binary with `args` and only the given `LLMTAP_*` variables; returns
+/// (exit code, stdout, stderr).
+pub fn llmtap_cli(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_llmtap"));
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("LLMTAP_") {
+            cmd.env_remove(k);
         }
     }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
