@@ -36,9 +36,19 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub metrics: MetricsConfig,
     pub otlp: llmtap_ingest::export::otlp::OtlpConfig,
+    pub scorer: llmtap_scorer::ScorerConfig,
+    /// What each app is for; budgets and safety rules become rule judges.
+    #[serde(rename = "intent")]
+    pub intents: Vec<llmtap_scorer::IntentConfig>,
+    /// Judges applied to sampled calls.
+    #[serde(rename = "judge")]
+    pub judges: Vec<llmtap_scorer::JudgeConfig>,
     /// Extra routes, or overrides of the built-in ones by name.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// Folder of the config file; relative paths in it (JSON schemas) resolve from here.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -56,7 +66,11 @@ impl Default for Config {
             clickhouse: ClickHouseConfig::default(),
             metrics: MetricsConfig::default(),
             otlp: Default::default(),
+            scorer: Default::default(),
+            intents: Vec::new(),
+            judges: Vec::new(),
             routes: Vec::new(),
+            base_dir: PathBuf::from("."),
         }
     }
 }
@@ -180,6 +194,9 @@ impl Config {
             let key = e.path().to_string();
             ConfigError::Syntax { path: source.clone(), message: format!("{key}: {}", e.inner()) }
         })?;
+        if let Some(dir) = path.and_then(Path::parent).filter(|d| !d.as_os_str().is_empty()) {
+            cfg.base_dir = dir.to_path_buf();
+        }
         if let Some(v) = &flags.listen {
             cfg.listen = v.clone();
         }
@@ -266,6 +283,14 @@ impl Config {
             },
             other => ConfigError::invalid("otlp", "", other.to_string()),
         })?;
+        let judges =
+            llmtap_scorer::ValidatedJudges::build(&self.judges, &self.intents, &self.base_dir).map_err(|e| {
+                ConfigError::Invalid {
+                    key: format!("{} {:?}: {}", e.what, e.name, e.key),
+                    value: e.value,
+                    reason: e.reason,
+                }
+            })?;
         let clickhouse = self.clickhouse.validate().map_err(|e| ConfigError::Invalid {
             key: format!("clickhouse.{}", e.key),
             value: e.value.clone(),
@@ -280,6 +305,7 @@ impl Config {
             routes: Arc::new(routes),
             clickhouse,
             otlp,
+            judges: Arc::new(judges),
             connect_timeout: Duration::from_millis(c.connect_timeout_ms),
             first_byte_timeout: Duration::from_millis(c.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
@@ -301,6 +327,8 @@ pub struct ValidatedConfig {
     pub clickhouse: Option<ValidatedClickHouse>,
     /// `None` when no OTLP endpoint is configured here or in `OTEL_EXPORTER_OTLP_*`.
     pub otlp: Option<llmtap_ingest::export::otlp::ResolvedOtlp>,
+    /// Rule judges (from `[[judge]]` and `[[intent]]`); LLM judges are validated only.
+    pub judges: Arc<llmtap_scorer::ValidatedJudges>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,

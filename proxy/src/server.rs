@@ -15,6 +15,7 @@ use llmtap_ingest::export::otlp::spawn_otlp;
 use llmtap_ingest::export::prometheus::{LlmMetrics, MetricsObserver, Sources};
 use llmtap_ingest::recorder::{spawn_recorder, RecorderConfig};
 use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink, ShipperSettings};
+use llmtap_scorer::runner::spawn_scorer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -36,6 +37,21 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     let metrics = LlmMetrics::new(cfg.raw.metrics.max_models).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let mut observers: Vec<Box<dyn llmtap_ingest::recorder::RecordObserver>> =
         vec![Box::new(MetricsObserver(metrics.clone()))];
+    let scorer = if cfg.judges.rules.is_empty() {
+        None
+    } else {
+        let (observer, handle) =
+            spawn_scorer(&cfg.raw.data_dir, cfg.raw.log.clone(), cfg.judges.clone(), cfg.raw.scorer.queue_capacity)?;
+        tracing::info!(rule_judges = cfg.judges.rules.len(), "scoring sampled calls");
+        observers.push(Box::new(observer));
+        Some(handle)
+    };
+    if !cfg.judges.llm.is_empty() {
+        tracing::warn!(
+            judges = cfg.judges.llm.len(),
+            "llm judges are configured but not run by this build; rule judges are"
+        );
+    }
     let otlp = match &cfg.otlp {
         Some(o) => {
             let (observer, handle) = spawn_otlp(o.clone())?;
@@ -162,6 +178,9 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     drop(recorder_tx);
     let stats = recorder.stats().clone();
     tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
+    if let Some(scorer) = scorer {
+        tokio::task::spawn_blocking(move || scorer.shutdown()).await?;
+    }
     if let Some(otlp) = otlp {
         // The recorder is gone, so the exporter's queue is closed: it sends what it holds.
         tokio::task::spawn_blocking(move || otlp.shutdown()).await?;
