@@ -28,6 +28,9 @@ pub struct AdminState {
     pub shipper: Option<Arc<ShipperStats>>,
     /// `log.max_disk_bytes`: a ClickHouse backlog near it fails readiness.
     pub max_disk_bytes: u64,
+    pub feedback: Arc<crate::feedback::FeedbackWriter>,
+    /// Bearer token `POST /v1/feedback` requires ("" for none).
+    pub feedback_token: String,
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -35,6 +38,49 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     r
+}
+
+async fn feedback(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::{BodyExt, Limited};
+    if !state.feedback_token.is_empty() {
+        let want = format!("Bearer {}", state.feedback_token);
+        let ok = req.headers().get(header::AUTHORIZATION).is_some_and(|v| v.as_bytes() == want.as_bytes());
+        if !ok {
+            return json(StatusCode::UNAUTHORIZED, serde_json::json!({"error": "missing or wrong bearer token"}));
+        }
+    }
+    let body = match Limited::new(req.into_body(), crate::feedback::MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({"error": format!("body over {} bytes", crate::feedback::MAX_BODY)}),
+            );
+        }
+    };
+    match crate::feedback::validate(&body) {
+        Err(reasons) => {
+            json(StatusCode::UNPROCESSABLE_ENTITY, serde_json::json!({"error": "invalid feedback", "reasons": reasons}))
+        }
+        Ok(rec) => {
+            let trace_id = rec.trace_id.clone();
+            if state.feedback.try_store(rec) {
+                json(StatusCode::ACCEPTED, serde_json::json!({"status": "accepted", "trace_id": trace_id}))
+            } else {
+                json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": "feedback queue full; retry"}))
+            }
+        }
+    }
+}
+
+async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/v1/feedback" {
+        if req.method() != http::Method::POST {
+            return json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({"error": "use POST"}));
+        }
+        return feedback(state, req).await;
+    }
+    route(state, &req)
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -79,7 +125,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => json(
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "not found", "paths": ["/healthz", "/readyz", "/metrics"]}),
+            serde_json::json!({"error": "not found", "paths": ["/healthz", "/readyz", "/metrics", "/v1/feedback"]}),
         ),
     }
 }
@@ -94,8 +140,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut stop: watc
                 let mut stop = stop.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        let resp = route(&state, &req);
-                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
                     // Admin requests are tiny; at shutdown an open connection is simply dropped.

@@ -37,6 +37,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub otlp: llmtap_ingest::export::otlp::OtlpConfig,
     pub scorer: llmtap_scorer::ScorerConfig,
+    pub feedback: crate::feedback::FeedbackConfig,
     /// What each app is for; budgets and safety rules become rule judges.
     #[serde(rename = "intent")]
     pub intents: Vec<llmtap_scorer::IntentConfig>,
@@ -67,6 +68,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             otlp: Default::default(),
             scorer: Default::default(),
+            feedback: Default::default(),
             intents: Vec::new(),
             judges: Vec::new(),
             routes: Vec::new(),
@@ -172,6 +174,9 @@ impl Config {
         let mut c = self.clone();
         if !c.clickhouse.password.is_empty() {
             c.clickhouse.password = "********".into();
+        }
+        if !c.feedback.token.is_empty() {
+            c.feedback.token = "********".into();
         }
         c
     }

@@ -4,6 +4,7 @@
 mod admin;
 mod body;
 mod config;
+mod feedback;
 mod forward;
 mod route;
 mod server;

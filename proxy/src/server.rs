@@ -121,7 +121,16 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         otlp: otlp.as_ref().map(|h| h.stats.clone()),
         trace_dir: Some(cfg.raw.data_dir.join("traces")),
     });
+    let feedback =
+        Arc::new(crate::feedback::FeedbackWriter::spawn(&cfg.raw.data_dir, cfg.raw.log.clone()).map_err(|e| {
+            anyhow::anyhow!(
+                "data_dir = {:?}: cannot open the feedback log: {e}",
+                cfg.raw.data_dir.display().to_string()
+            )
+        })?);
     let admin_state = Arc::new(AdminState {
+        feedback: feedback.clone(),
+        feedback_token: cfg.raw.feedback.token.clone(),
         ready: ready.clone(),
         recorder: recorder_tx.stats().clone(),
         data_dir: cfg.raw.data_dir.clone(),
@@ -174,6 +183,10 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     }
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
+    // Admin connections are gone; the last feedback handle writes what is queued.
+    if let Ok(fb) = Arc::try_unwrap(feedback) {
+        tokio::task::spawn_blocking(move || fb.shutdown()).await?;
+    }
     drop(proxy);
     drop(recorder_tx);
     let stats = recorder.stats().clone();

@@ -180,3 +180,48 @@ fn check_names_the_judge_and_the_key() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("name = \"cites_plan\""), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_api_validates_authenticates_and_stores() {
+    for token in ["", "s3cret"] {
+        let cfg = if token.is_empty() { String::new() } else { format!("[feedback]\ntoken = \"{token}\"\n") };
+        let mut env = start(&cfg).await;
+        let url = format!("http://{}/v1/feedback", env.llmtap.admin);
+        let trace = call(&env, "support-bot", "Your plan: Pro", &[]).await;
+        let auth = format!("Bearer {token}");
+        let mut h: Vec<(&str, &str)> = vec![];
+        if !token.is_empty() {
+            h.push(("authorization", auth.as_str()));
+        }
+        let good =
+            json!({"trace_id": trace, "name": "thumbs", "value": 1, "comment": "cited the plan", "annotator": "ann"});
+        let r = post_json(&env.client, &url, &h, &good).await;
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json(), json!({"status": "accepted", "trace_id": trace}));
+        let label =
+            json!({"trace_id": trace, "name": "verdict", "label": "wrong_plan", "correction": "The plan is Team."});
+        assert_eq!(post_json(&env.client, &url, &h, &label).await.status, 202);
+        let bad = post_json(&env.client, &url, &h, &json!({"trace_id": "nope", "name": "", "value": 1})).await;
+        assert_eq!(bad.status, 422);
+        let reasons = bad.json()["reasons"].as_array().unwrap().clone();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].as_str().unwrap().starts_with("trace_id: \"nope\""));
+        if !token.is_empty() {
+            assert_eq!(post_json(&env.client, &url, &[], &good).await.status, 401);
+            assert_eq!(post_json(&env.client, &url, &[("authorization", "Bearer wrong")], &good).await.status, 401);
+        }
+        env.llmtap.terminate().unwrap();
+        assert!(env.llmtap.wait_exit(Duration::from_secs(20)).unwrap().success());
+        let stored = read_records(&env.llmtap.data_dir.join("feedback"));
+        assert_eq!(stored.len(), 2, "{stored:?}");
+        assert_eq!(
+            (stored[0]["name"].as_str(), stored[0]["value"].as_f64(), stored[0]["annotator"].as_str()),
+            (Some("thumbs"), Some(1.0), Some("ann"))
+        );
+        assert_eq!(
+            (stored[1]["label"].as_str(), stored[1]["correction"].as_str()),
+            (Some("wrong_plan"), Some("The plan is Team."))
+        );
+        assert_eq!(stored[1]["trace_id"], trace.as_str());
+    }
+}

@@ -2,6 +2,7 @@
 //! which calls to look at (sampling). Rule judges run on sampled records off the request
 //! path and write `llm_scores` verdicts to the local log.
 
+pub mod agreement;
 pub mod config;
 pub mod rule;
 pub mod runner;
