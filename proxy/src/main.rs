@@ -69,6 +69,10 @@ enum Command {
         /// Where to read: the local trace log or ClickHouse (all sidecars together).
         #[arg(long, value_enum, default_value_t = Source::Local)]
         from: Source,
+        /// Per judge, app and model: verdicts, pass rate, mean score, reviews, errors, cost
+        /// and agreement with human feedback (from the local log).
+        #[arg(long)]
+        judges: bool,
     },
     /// Create or upgrade the ClickHouse schema.
     Migrate {
@@ -156,8 +160,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
             rt.block_on(server::serve(validated, server::shutdown_signal()))
         }
-        Command::Stats { common, by, since, top, json, from } => {
+        Command::Stats { common, by, since, top, json, from, judges } => {
             let (cfg, env) = load(&common, None, None)?;
+            if judges {
+                let rows = llmtap_scorer::report::judges_report(&cfg.data_dir)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg.data_dir.join("scores").display()))?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", llmtap_scorer::report::render(&rows));
+                }
+                return Ok(());
+            }
             let by: Vec<GroupBy> = if by.is_empty() {
                 vec![GroupBy::Model, GroupBy::App, GroupBy::Route]
             } else {

@@ -223,5 +223,43 @@ async fn feedback_api_validates_authenticates_and_stores() {
             (Some("wrong_plan"), Some("The plan is Team."))
         );
         assert_eq!(stored[1]["trace_id"], trace.as_str());
+        // stats --judges pairs the verdicts with the feedback on the same call.
+        let (code, out, err) =
+            llmtap_cli(&["stats", "--judges", "--json", "--data-dir", env.llmtap.data_dir.to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{err}");
+        let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let plan = rows.as_array().unwrap().iter().find(|r| r["judge"] == "cites_plan");
+        assert!(plan.is_none(), "no judges configured in this test: {rows}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_judges_reports_pass_rates_and_agreement() {
+    let mut env = start(JUDGES).await;
+    let url = format!("http://{}/v1/feedback", env.llmtap.admin);
+    // Four support-bot calls: the judge passes 2, humans agree on 3 of 4.
+    for (content, human) in [("Your plan: Pro", 1), ("Your plan: Team", 1), ("no idea", 0), ("still no idea", 1)] {
+        let t = call(&env, "support-bot", content, &[]).await;
+        let r = post_json(&env.client, &url, &[], &json!({"trace_id": t, "name": "thumbs", "value": human})).await;
+        assert_eq!(r.status, 202);
+    }
+    records_at_least(&env.llmtap.data_dir, 4).await;
+    env.llmtap.terminate().unwrap();
+    assert!(env.llmtap.wait_exit(Duration::from_secs(20)).unwrap().success());
+    let (code, out, err) =
+        llmtap_cli(&["stats", "--judges", "--json", "--data-dir", env.llmtap.data_dir.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let plan = rows.as_array().unwrap().iter().find(|r| r["judge"] == "cites_plan").unwrap();
+    assert_eq!(
+        (plan["verdicts"].as_u64(), plan["pass_rate"].as_f64(), plan["agreement_n"].as_u64()),
+        (Some(4), Some(0.5), Some(4))
+    );
+    // judge [1,1,0,0] vs human [1,1,0,1]: observed 0.75, chance 0.5 x 0.75 + 0.5 x 0.25 = 0.5.
+    assert!((plan["agreement"].as_f64().unwrap() - 0.5).abs() < 1e-12, "{plan}");
+    let cost = rows.as_array().unwrap().iter().find(|r| r["judge"] == "intent_cost_envelope").unwrap();
+    assert_eq!(cost["pass_rate"].as_f64(), Some(0.0));
+    let (code, table, _) = llmtap_cli(&["stats", "--judges", "--data-dir", env.llmtap.data_dir.to_str().unwrap()], &[]);
+    assert_eq!(code, 0);
+    assert!(table.contains("cites_plan") && table.contains("kappa 0.50 (n=4)"), "{table}");
 }

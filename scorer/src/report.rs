@@ -1,0 +1,181 @@
+//! `llmtap stats --judges`: per judge, app and model, from the local log's `scores/` and
+//! `feedback/`: verdicts, pass rate, mean score, needs-review count, judge errors, judge
+//! cost, and agreement with human feedback on the same calls (Cohen's kappa for pass/fail
+//! judges, Spearman for scored ones).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use llmtap_ingest::record::{FeedbackRecord, ScoreRecord};
+use serde::Serialize;
+
+use crate::agreement::{cohens_kappa, spearman};
+
+/// One row of the judges table.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct JudgeRow {
+    pub judge: String,
+    pub app: String,
+    pub model: String,
+    pub verdicts: u64,
+    pub pass_rate: f64,
+    pub mean_score: f64,
+    pub needs_review: u64,
+    pub errors: u64,
+    pub judge_cost_usd: f64,
+    /// Calls with both a verdict and human feedback.
+    pub agreement_n: u64,
+    /// `kappa` or `spearman`; empty without enough pairs.
+    pub agreement_method: String,
+    pub agreement: Option<f64>,
+}
+
+/// Labels that count as a human "pass" when feedback has no numeric value.
+const PASS_LABELS: &[&str] = &["pass", "good", "correct", "up", "yes", "true"];
+
+fn human_pass(f: &FeedbackRecord) -> bool {
+    if f.label.is_empty() {
+        f.value > 0.0
+    } else {
+        PASS_LABELS.contains(&f.label.to_ascii_lowercase().as_str())
+    }
+}
+
+/// Builds the table from `<data_dir>/scores` and `<data_dir>/feedback`.
+pub fn judges_report(data_dir: &Path) -> std::io::Result<Vec<JudgeRow>> {
+    let mut feedback: HashMap<String, FeedbackRecord> = HashMap::new();
+    llmtap_ingest::log::for_each_line(&data_dir.join("feedback"), |_, line| {
+        if let Ok(f) = serde_json::from_str::<FeedbackRecord>(line) {
+            // The latest signal on a call wins.
+            feedback.insert(f.trace_id.clone(), f);
+        }
+    })?;
+    let mut groups: BTreeMap<(String, String, String), Vec<ScoreRecord>> = BTreeMap::new();
+    llmtap_ingest::log::for_each_line(&data_dir.join("scores"), |_, line| {
+        if let Ok(s) = serde_json::from_str::<ScoreRecord>(line) {
+            groups.entry((s.judge.clone(), s.app.clone(), s.request_model.clone())).or_default().push(s);
+        }
+    })?;
+    let mut rows = Vec::new();
+    for ((judge, app, model), scores) in groups {
+        let ok: Vec<&ScoreRecord> = scores.iter().filter(|s| s.error.is_empty()).collect();
+        let n = ok.len() as f64;
+        let mut row = JudgeRow {
+            judge,
+            app,
+            model,
+            verdicts: ok.len() as u64,
+            pass_rate: if n > 0.0 { ok.iter().filter(|s| s.passed == 1).count() as f64 / n } else { 0.0 },
+            mean_score: if n > 0.0 { ok.iter().map(|s| s.score).sum::<f64>() / n } else { 0.0 },
+            needs_review: scores.iter().filter(|s| s.needs_review == 1).count() as u64,
+            errors: scores.iter().filter(|s| !s.error.is_empty()).count() as u64,
+            judge_cost_usd: scores.iter().map(|s| s.judge_cost_usd).sum(),
+            ..JudgeRow::default()
+        };
+        let paired: Vec<(&ScoreRecord, &FeedbackRecord)> =
+            ok.iter().filter_map(|s| feedback.get(&s.trace_id).map(|f| (*s, f))).collect();
+        row.agreement_n = paired.len() as u64;
+        let binary = ok.iter().all(|s| s.judge_kind == "rule");
+        if binary {
+            let pairs: Vec<(bool, bool)> = paired.iter().map(|(s, f)| (s.passed == 1, human_pass(f))).collect();
+            row.agreement = cohens_kappa(&pairs);
+            row.agreement_method = "kappa".into();
+        } else {
+            let pairs: Vec<(f64, f64)> = paired.iter().map(|(s, f)| (s.score, f.value)).collect();
+            row.agreement = spearman(&pairs);
+            row.agreement_method = "spearman".into();
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// The human table.
+pub fn render(rows: &[JudgeRow]) -> String {
+    let mut out = String::new();
+    if rows.is_empty() {
+        out.push_str("no verdicts yet\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<24} {:<16} {:<20} {:>8} {:>6} {:>6} {:>7} {:>6} {:>10} {:>9}",
+        "judge", "app", "model", "verdicts", "pass%", "mean", "review", "errors", "cost usd", "agreement"
+    );
+    for r in rows {
+        let agreement = match r.agreement {
+            Some(a) => format!("{} {a:.2} (n={})", r.agreement_method, r.agreement_n),
+            None => format!("- (n={})", r.agreement_n),
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:<16} {:<20} {:>8} {:>6.1} {:>6.2} {:>7} {:>6} {:>10.6} {}",
+            r.judge,
+            if r.app.is_empty() { "(none)" } else { &r.app },
+            r.model,
+            r.verdicts,
+            r.pass_rate * 100.0,
+            r.mean_score,
+            r.needs_review,
+            r.errors,
+            r.judge_cost_usd,
+            agreement
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, folder: &str, lines: &[String]) {
+        std::fs::create_dir_all(dir.join(folder)).unwrap();
+        std::fs::write(dir.join(folder).join("0001.ndjson"), lines.join("\n") + "\n").unwrap();
+    }
+
+    #[test]
+    fn pass_rates_and_kappa_against_feedback() {
+        let dir = tempfile::tempdir().unwrap();
+        // 10 verdicts of a rule judge: 6 pass. Humans agree on 8 of 10 calls.
+        let judge_passes = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0];
+        let human_ups = [1, 1, 1, 1, 1, 0, 0, 0, 0, 1];
+        let scores: Vec<String> = (0..10)
+            .map(|i| {
+                serde_json::to_string(&ScoreRecord {
+                    trace_id: format!("t{i}"),
+                    judge: "cites_plan".into(),
+                    judge_kind: "rule".into(),
+                    app: "bot".into(),
+                    request_model: "gpt-4o".into(),
+                    passed: judge_passes[i],
+                    score: f64::from(judge_passes[i]),
+                    ..ScoreRecord::default()
+                })
+                .unwrap()
+            })
+            .collect();
+        let fb: Vec<String> = (0..10)
+            .map(|i| {
+                serde_json::to_string(&FeedbackRecord {
+                    trace_id: format!("t{i}"),
+                    name: "thumbs".into(),
+                    value: f64::from(human_ups[i]),
+                    ..FeedbackRecord::default()
+                })
+                .unwrap()
+            })
+            .collect();
+        write(dir.path(), "scores", &scores);
+        write(dir.path(), "feedback", &fb);
+        let rows = judges_report(dir.path()).unwrap();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!((r.verdicts, r.agreement_n, r.agreement_method.as_str()), (10, 10, "kappa"));
+        assert!((r.pass_rate - 0.6).abs() < 1e-12);
+        // Observed 0.8; chance 0.6 × 0.6 + 0.4 × 0.4 = 0.52; kappa = 0.28 / 0.48.
+        assert!((r.agreement.unwrap() - 0.28 / 0.48).abs() < 1e-12);
+        assert!(render(&rows).contains("kappa 0.58 (n=10)"));
+    }
+}
