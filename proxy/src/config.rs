@@ -383,9 +383,6 @@ fn collect_leaves(t: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(Vec<
         }
         prefix.pop();
     }
-    if prefix.is_empty() && !t.contains_key("route") {
-        // nothing
-    }
 }
 
 fn parse_env_value(var: &str, raw: &str, template: &toml::Value) -> Result<toml::Value, ConfigError> {

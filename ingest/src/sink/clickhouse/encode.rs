@@ -87,11 +87,7 @@ impl<'a> From<&'a TraceRecord> for TraceRow<'a> {
             cache_read_tokens: r.cache_read_tokens,
             cache_write_tokens: r.cache_write_tokens,
             reasoning_tokens: r.reasoning_tokens,
-            usage_source: match r.usage_source {
-                crate::UsageSource::Reported => "reported",
-                crate::UsageSource::Estimated => "estimated",
-                crate::UsageSource::None => "none",
-            },
+            usage_source: r.usage_source.as_str(),
             cost_usd: r.cost_usd,
             duration_ms: r.duration_ms,
             ttft_ms: r.ttft_ms,
