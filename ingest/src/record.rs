@@ -192,6 +192,8 @@ pub mod ts_format {
 pub struct ScoreRecord {
     pub ts: Timestamp,
     pub trace_id: String,
+    /// The judged call within the trace (calls sharing a `traceparent` share a trace id).
+    pub span_id: String,
     pub judge: String,
     pub judge_version: String,
     /// `rule` or `llm`.

@@ -288,14 +288,23 @@ impl Config {
             },
             other => ConfigError::invalid("otlp", "", other.to_string()),
         })?;
-        let judges =
-            llmtap_scorer::ValidatedJudges::build(&self.judges, &self.intents, &self.base_dir).map_err(|e| {
-                ConfigError::Invalid {
-                    key: format!("{} {:?}: {}", e.what, e.name, e.key),
-                    value: e.value,
-                    reason: e.reason,
-                }
-            })?;
+        let route_url = |name: &str| {
+            let r = routes.routes().iter().find(|r| r.name == name)?;
+            Some(if r.adapter != llmtap_ingest::provider::ProviderKind::OpenAi || r.azure {
+                Err(format!("route {name:?} is not an OpenAI-compatible chat endpoint; judges need one"))
+            } else {
+                Ok(format!("{}://{}{}", r.upstream.scheme, r.upstream.authority, r.upstream.base_path))
+            })
+        };
+        let var = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).or_else(|| std::env::var(k).ok());
+        let judge_env = llmtap_scorer::config::JudgeEnv { base: &self.base_dir, route_url: &route_url, var: &var };
+        let judges = llmtap_scorer::ValidatedJudges::build(&self.judges, &self.intents, &judge_env).map_err(|e| {
+            ConfigError::Invalid {
+                key: format!("{} {:?}: {}", e.what, e.name, e.key),
+                value: e.value,
+                reason: e.reason,
+            }
+        })?;
         let clickhouse = self.clickhouse.validate().map_err(|e| ConfigError::Invalid {
             key: format!("clickhouse.{}", e.key),
             value: e.value.clone(),
@@ -332,7 +341,7 @@ pub struct ValidatedConfig {
     pub clickhouse: Option<ValidatedClickHouse>,
     /// `None` when no OTLP endpoint is configured here or in `OTEL_EXPORTER_OTLP_*`.
     pub otlp: Option<llmtap_ingest::export::otlp::ResolvedOtlp>,
-    /// Rule judges (from `[[judge]]` and `[[intent]]`); LLM judges are validated only.
+    /// Rule judges (from `[[judge]]` and `[[intent]]`) and LLM judges.
     pub judges: Arc<llmtap_scorer::ValidatedJudges>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,

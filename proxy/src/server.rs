@@ -15,7 +15,8 @@ use llmtap_ingest::export::otlp::spawn_otlp;
 use llmtap_ingest::export::prometheus::{LlmMetrics, MetricsObserver, Sources};
 use llmtap_ingest::recorder::{spawn_recorder, RecorderConfig};
 use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink, ShipperSettings};
-use llmtap_scorer::runner::spawn_scorer;
+use llmtap_scorer::llm::LlmCaller;
+use llmtap_scorer::runner::{spawn_scorer, ScorerSetup, VerdictCache};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -37,21 +38,18 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     let metrics = LlmMetrics::new(cfg.raw.metrics.max_models).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let mut observers: Vec<Box<dyn llmtap_ingest::recorder::RecordObserver>> =
         vec![Box::new(MetricsObserver(metrics.clone()))];
-    let scorer = if cfg.judges.rules.is_empty() {
+    let scorer = if cfg.judges.is_empty() || !cfg.raw.scorer.in_process {
         None
     } else {
-        let (observer, handle) =
-            spawn_scorer(&cfg.raw.data_dir, cfg.raw.log.clone(), cfg.judges.clone(), cfg.raw.scorer.queue_capacity)?;
-        tracing::info!(rule_judges = cfg.judges.rules.len(), "scoring sampled calls");
+        let (observer, handle) = spawn_scorer(&cfg.raw.data_dir, cfg.raw.log.clone(), scorer_setup(&cfg, Vec::new())?)?;
+        tracing::info!(
+            rule_judges = cfg.judges.rules.len(),
+            llm_judges = cfg.judges.llm.len(),
+            "scoring sampled calls"
+        );
         observers.push(Box::new(observer));
         Some(handle)
     };
-    if !cfg.judges.llm.is_empty() {
-        tracing::warn!(
-            judges = cfg.judges.llm.len(),
-            "llm judges are configured but not run by this build; rule judges are"
-        );
-    }
     let otlp = match &cfg.otlp {
         Some(o) => {
             let (observer, handle) = spawn_otlp(o.clone())?;
@@ -209,6 +207,29 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         "trace log flushed; bye"
     );
     Ok(())
+}
+
+/// The scorer's judges, judge client and limits from the config.
+pub fn scorer_setup(
+    cfg: &ValidatedConfig,
+    observers: Vec<Box<dyn llmtap_scorer::runner::VerdictObserver>>,
+) -> anyhow::Result<ScorerSetup> {
+    let s = &cfg.raw.scorer;
+    let caller = if cfg.judges.llm.is_empty() {
+        None
+    } else {
+        // A client of its own: its connections live on the scorer's runtime.
+        let client = build_client(&cfg.raw.client, cfg.connect_timeout)?;
+        Some(LlmCaller::new(client, &cfg.judges.llm, &s.endpoints, cfg.prices.clone(), &cfg.judges.intents))
+    };
+    Ok(ScorerSetup {
+        judges: cfg.judges.clone(),
+        caller,
+        queue_capacity: s.queue_capacity,
+        max_in_flight: s.max_in_flight,
+        cache: VerdictCache::new(s.cache_entries),
+        observers,
+    })
 }
 
 /// Binds with a deep accept queue: a burst of new connections (a fleet reconnecting, a

@@ -107,7 +107,7 @@ fn migrations_apply_twice_match_the_dry_run_and_refuse_newer_schemas() {
     let (code, dry, err) = llmtap_cli(&["migrate", "--dry-run"], &env);
     assert_eq!(code, 0, "{err}");
     let planned: Vec<String> = dry.split(";\n\n").map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-    assert_eq!(planned.len(), 2 + 6 + 5, "bootstrap, 6 statements, 5 version rows: {planned:#?}");
+    assert_eq!(planned.len(), 2 + 7 + 6, "bootstrap, 7 statements, 6 version rows: {planned:#?}");
     ch.reset_log().unwrap();
     let (code, _, err) = llmtap_cli(&["migrate"], &env);
     assert_eq!(code, 0, "{err}");
@@ -158,12 +158,12 @@ fn migrations_apply_twice_match_the_dry_run_and_refuse_newer_schemas() {
         assert!(!ast.is_empty());
         n += 1;
     }
-    assert_eq!(n, 2 + 11);
+    assert_eq!(n, 2 + 13);
     // A schema newer than this binary is refused.
     ch.query("INSERT INTO default.llmtap_migrations VALUES (99, 'future', '', now64(3))").unwrap();
     let (code, _, err) = llmtap_cli(&["migrate"], &env);
     assert_eq!(code, 2);
-    assert!(err.contains("schema is at version 99, newer than this llmtap knows (5)"), "{err}");
+    assert!(err.contains("schema is at version 99, newer than this llmtap knows (6)"), "{err}");
 }
 
 /// Every column of every ClickHouse row equals the local record.
@@ -378,7 +378,7 @@ async fn scores_feedback_and_drift_events_are_shipped_too() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("data");
     let now = llmtap_ingest::record::ts_format::format(std::time::SystemTime::now());
-    let score = json!({"ts": now, "trace_id": "t1", "judge": "helpfulness", "judge_version": "3", "judge_kind": "llm", "app": "bot",
+    let score = json!({"ts": now, "trace_id": "t1", "span_id": "00f067aa0ba902b7", "judge": "helpfulness", "judge_version": "3", "judge_kind": "llm", "app": "bot",
         "route": "openai", "request_model": "gpt-4o", "score": 4.5, "passed": 1, "label": "good", "reasoning": "cites the plan",
         "needs_review": 0, "error": "", "judge_model": "gpt-4o-mini", "judge_ms": 812.5, "judge_cost_usd": 0.00021});
     let feedback = json!({"ts": now, "trace_id": "t1", "name": "thumbs", "value": 1.0, "label": "up", "comment": "great",

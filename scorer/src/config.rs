@@ -60,12 +60,23 @@ pub struct JudgeConfig {
     pub score_failed: bool,
     /// Rule judges: exactly one rule, e.g. `{ regex = "(?i)plan:" }`.
     pub rule: Option<RuleSpec>,
-    /// LLM judges (scored by a later release of the scorer; validated now).
+    /// LLM judges: a route name (`openai`, or a `[[route]]`) or the URL of any
+    /// OpenAI-compatible server.
     pub endpoint: String,
     pub model: String,
+    /// The variable holding the endpoint's API key (sent as a bearer token).
     pub api_key_env: String,
+    /// The prompt, with `{{input}}`, `{{messages}}`, `{{output}}`, `{{tool_calls}}`,
+    /// `{{objective}}`, `{{target_user}}` and `{{edge_cases}}`.
     pub rubric: String,
     pub output: Option<OutputConfig>,
+    /// Per attempt.
+    pub timeout_ms: u64,
+    /// Retries after 429, 5xx, timeouts and connection errors.
+    pub max_retries: u32,
+    /// Ask for a JSON-schema `response_format` (servers that reject it are asked without).
+    pub structured_output: bool,
+    pub temperature: f64,
 }
 
 impl Default for JudgeConfig {
@@ -86,6 +97,10 @@ impl Default for JudgeConfig {
             api_key_env: String::new(),
             rubric: String::new(),
             output: None,
+            timeout_ms: 30_000,
+            max_retries: 3,
+            structured_output: true,
+            temperature: 0.0,
         }
     }
 }
@@ -94,13 +109,46 @@ impl Default for JudgeConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScorerConfig {
+    /// Judge sampled calls inside `serve`. Turn off when `llmtap score` jobs do it for the
+    /// fleet from ClickHouse.
+    pub in_process: bool,
     /// Sampled calls waiting for judges; when full, new ones are dropped and counted.
     pub queue_capacity: usize,
+    /// LLM judge calls started but not finished, over all endpoints.
+    pub max_in_flight: usize,
+    /// Verdict keys (judge, version, trace, span) remembered so nothing is judged twice.
+    pub cache_entries: usize,
+    /// Limits per judge endpoint (by the name or URL judges give as `endpoint`).
+    pub endpoints: BTreeMap<String, crate::llm::EndpointLimits>,
 }
 
 impl Default for ScorerConfig {
     fn default() -> Self {
-        ScorerConfig { queue_capacity: 4096 }
+        ScorerConfig {
+            in_process: true,
+            queue_capacity: 4096,
+            max_in_flight: 64,
+            cache_entries: 100_000,
+            endpoints: BTreeMap::new(),
+        }
+    }
+}
+
+/// What judge validation needs from the rest of the config.
+pub struct JudgeEnv<'a> {
+    /// The config file's folder: relative schema paths resolve from it.
+    pub base: &'a Path,
+    /// A route name to its upstream base URL, for OpenAI-compatible routes
+    /// (`Err` says why a route cannot serve judges).
+    pub route_url: &'a dyn Fn(&str) -> Option<Result<String, String>>,
+    /// Environment lookup for `api_key_env`.
+    pub var: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> JudgeEnv<'a> {
+    /// No routes, the process environment.
+    pub fn plain(base: &'a Path) -> Self {
+        JudgeEnv { base, route_url: &|_| None, var: &|k| std::env::var(k).ok() }
     }
 }
 
@@ -135,18 +183,29 @@ pub struct ValidatedJudge {
     pub rule: RuleJudge,
 }
 
-/// Every rule judge, from `[[judge]]` and from `[[intent]]` budgets; LLM judges are listed
-/// apart until the LLM runner exists.
+/// Every judge: rules from `[[judge]]` and from `[[intent]]` budgets, and LLM judges.
 #[derive(Debug, Default)]
 pub struct ValidatedJudges {
     pub rules: Vec<ValidatedJudge>,
-    pub llm: Vec<JudgeConfig>,
+    pub llm: Vec<crate::llm::LlmJudge>,
+    pub intents: Vec<IntentConfig>,
+}
+
+impl ValidatedJudges {
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.llm.is_empty()
+    }
 }
 
 impl ValidatedJudges {
     /// Validates `[[judge]]` and `[[intent]]`; relative schema paths resolve from `base`.
-    pub fn build(judges: &[JudgeConfig], intents: &[IntentConfig], base: &Path) -> Result<Self, JudgeConfigError> {
-        let mut out = ValidatedJudges::default();
+    pub fn build(
+        judges: &[JudgeConfig],
+        intents: &[IntentConfig],
+        env: &JudgeEnv<'_>,
+    ) -> Result<Self, JudgeConfigError> {
+        let base = env.base;
+        let mut out = ValidatedJudges { intents: intents.to_vec(), ..ValidatedJudges::default() };
         let mut names = std::collections::HashSet::new();
         for j in judges {
             let err = |key: &str, value: String, reason: &str| JudgeConfigError {
@@ -190,7 +249,57 @@ impl ValidatedJudges {
                     if j.rubric.is_empty() {
                         return Err(err("rubric", "\"\"".into(), "an llm judge needs a rubric"));
                     }
-                    out.llm.push(j.clone());
+                    let rubric = crate::llm::Template::parse(&j.rubric).map_err(|reason| {
+                        err("rubric", format!("{:?}", crate::llm::truncate(&j.rubric, 60)), &reason)
+                    })?;
+                    let scale = crate::llm::Scale::from_config(j.output.as_ref())
+                        .map_err(|(key, value, reason)| err(&key, value, &reason))?;
+                    let base_url = match (env.route_url)(&j.endpoint) {
+                        Some(Ok(url)) => url,
+                        Some(Err(reason)) => return Err(err("endpoint", format!("{:?}", j.endpoint), &reason)),
+                        None if j.endpoint.contains("://") => j.endpoint.clone(),
+                        None => {
+                            return Err(err(
+                                "endpoint",
+                                format!("{:?}", j.endpoint),
+                                "neither a route name nor an http(s) URL",
+                            ))
+                        }
+                    };
+                    let url = crate::llm::chat_url(&base_url)
+                        .map_err(|reason| err("endpoint", format!("{:?}", j.endpoint), &reason))?;
+                    let api_key = if j.api_key_env.is_empty() {
+                        None
+                    } else {
+                        match (env.var)(&j.api_key_env) {
+                            Some(k) if !k.is_empty() => Some(k),
+                            _ => {
+                                return Err(err(
+                                    "api_key_env",
+                                    format!("{:?}", j.api_key_env),
+                                    "the variable is not set in the environment",
+                                ))
+                            }
+                        }
+                    };
+                    if j.timeout_ms == 0 {
+                        return Err(err("timeout_ms", "0".into(), "must be above 0"));
+                    }
+                    out.llm.push(crate::llm::LlmJudge {
+                        name: j.name.clone(),
+                        version: j.version.clone(),
+                        selector,
+                        endpoint: j.endpoint.clone(),
+                        url,
+                        model: j.model.clone(),
+                        api_key,
+                        rubric,
+                        scale,
+                        timeout: std::time::Duration::from_millis(j.timeout_ms),
+                        max_retries: j.max_retries,
+                        structured_output: j.structured_output,
+                        temperature: j.temperature,
+                    });
                 }
                 other => return Err(err("kind", format!("{other:?}"), "expected rule or llm")),
             }
@@ -273,7 +382,7 @@ mod tests {
             safety: vec!["(?i)social security number".into(), "(?i)wire the money".into()],
             ..IntentConfig::default()
         }];
-        let j = ValidatedJudges::build(&[], &intents, Path::new(".")).unwrap();
+        let j = ValidatedJudges::build(&[], &intents, &JudgeEnv::plain(Path::new("."))).unwrap();
         let names: Vec<&str> = j.rules.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, vec!["intent_latency_budget", "intent_cost_envelope", "intent_safety"]);
         assert!(j
@@ -281,7 +390,7 @@ mod tests {
             .iter()
             .all(|r| r.selector.apps == vec!["support-bot".to_owned()] && r.selector.sample_rate == 1.0));
         let bad = vec![IntentConfig { app: "x".into(), safety: vec!["(".into()], ..IntentConfig::default() }];
-        let e = ValidatedJudges::build(&[], &bad, Path::new(".")).unwrap_err().to_string();
+        let e = ValidatedJudges::build(&[], &bad, &JudgeEnv::plain(Path::new("."))).unwrap_err().to_string();
         assert!(e.starts_with("intent \"x\": safety = \"(\": regex parse error"), "{e}");
     }
 
@@ -300,19 +409,23 @@ mod tests {
                 Some(RuleSpec { regex: Some(crate::rule::OneOrMany::One("(".into())), ..RuleSpec::default() }),
             )],
             &[],
-            Path::new("."),
+            &JudgeEnv::plain(Path::new(".")),
         )
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("judge \"cites_plan\": rule.regex = \"(\": regex parse error"), "{e}");
-        let e = ValidatedJudges::build(&[j("x", "vibes", None)], &[], Path::new(".")).unwrap_err().to_string();
+        let e = ValidatedJudges::build(&[j("x", "vibes", None)], &[], &JudgeEnv::plain(Path::new(".")))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "judge \"x\": kind = \"vibes\": expected rule or llm");
-        let e = ValidatedJudges::build(&[j("x", "rule", None)], &[], Path::new(".")).unwrap_err().to_string();
+        let e = ValidatedJudges::build(&[j("x", "rule", None)], &[], &JudgeEnv::plain(Path::new(".")))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "judge \"x\": rule = (missing): a rule judge needs rule = { … }");
         let mut rate = j("x", "rule", Some(RuleSpec { json_valid: Some(true), ..RuleSpec::default() }));
         rate.sample_rate = 1.5;
         assert_eq!(
-            ValidatedJudges::build(&[rate], &[], Path::new(".")).unwrap_err().to_string(),
+            ValidatedJudges::build(&[rate], &[], &JudgeEnv::plain(Path::new("."))).unwrap_err().to_string(),
             "judge \"x\": sample_rate = 1.5: must be between 0 and 1"
         );
     }

@@ -145,6 +145,7 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 pub mod chdb;
+pub mod judge;
 pub mod otlp;
 pub mod process;
 pub mod tools;

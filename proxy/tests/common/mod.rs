@@ -49,6 +49,11 @@ upstream = "http://127.0.0.1:9"
 
 /// Starts a mock and llmtap in front of it; `extra` is appended to the config.
 pub async fn start(extra: &str) -> Env {
+    start_with_env(extra, &[]).await
+}
+
+/// Same, with more environment variables for llmtap.
+pub async fn start_with_env(extra: &str, more_env: &[(&str, String)]) -> Env {
     let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), &llmtap_testkit::fixtures_dir()).await.unwrap();
     let config = format!("{extra}\n{}", base_config(&mock));
     let env: Vec<(&str, String)> = ["OPENAI", "ANTHROPIC", "GEMINI", "AZURE"]
@@ -64,6 +69,7 @@ pub async fn start(extra: &str) -> Env {
                 mock.url(),
             )
         })
+        .chain(more_env.iter().cloned())
         .collect();
     let llmtap = LlmtapProcess::start(Path::new(env!("CARGO_BIN_EXE_llmtap")), &config, &env).unwrap();
     Env { mock, llmtap, client: client() }

@@ -128,6 +128,7 @@ pub struct ScoreRow<'a> {
     pub judge_model: &'a str,
     pub judge_ms: f64,
     pub judge_cost_usd: f64,
+    pub span_id: &'a str,
 }
 
 impl<'a> From<&'a ScoreRecord> for ScoreRow<'a> {
@@ -150,6 +151,7 @@ impl<'a> From<&'a ScoreRecord> for ScoreRow<'a> {
             judge_model: &r.judge_model,
             judge_ms: r.judge_ms,
             judge_cost_usd: r.judge_cost_usd,
+            span_id: &r.span_id,
         }
     }
 }

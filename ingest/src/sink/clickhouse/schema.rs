@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "llm_traces_minute",
         template: include_str!("../../../../deploy/clickhouse/0005_llm_traces_minute.sql"),
     },
+    Migration {
+        version: 6,
+        name: "llm_scores_span",
+        template: include_str!("../../../../deploy/clickhouse/0006_llm_scores_span.sql"),
+    },
 ];
 
 /// The newest schema version this binary knows.
