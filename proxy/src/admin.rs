@@ -31,6 +31,8 @@ pub struct AdminState {
     pub feedback: Arc<crate::feedback::FeedbackWriter>,
     /// Bearer token `POST /v1/feedback` requires ("" for none).
     pub feedback_token: String,
+    /// The scorer's metrics and the live judge–human agreement.
+    pub judging: Arc<crate::judging::JudgeMetrics>,
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -64,6 +66,9 @@ async fn feedback(state: &AdminState, req: Request<Incoming>) -> Response<Full<B
         }
         Ok(rec) => {
             let trace_id = rec.trace_id.clone();
+            if let Ok(mut t) = state.judging.tracker.lock() {
+                t.add_feedback(&rec);
+            }
             if state.feedback.try_store(rec) {
                 json(StatusCode::ACCEPTED, serde_json::json!({"status": "accepted", "trace_id": trace_id}))
             } else {
@@ -119,6 +124,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         "/metrics" => {
+            state.judging.refresh();
             let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(CONTENT_TYPE));
             r

@@ -6,7 +6,9 @@ mod body;
 mod config;
 mod feedback;
 mod forward;
+mod judging;
 mod route;
+mod score;
 mod server;
 mod tap;
 mod upstream;
@@ -82,6 +84,40 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Judge sampled calls read from ClickHouse (the fleet's scorer; see `--shard`).
+    Score {
+        #[command(flatten)]
+        common: Common,
+        /// This worker's share: calls with cityHash64(trace_id) % N = i.
+        #[arg(long, default_value = "0/1")]
+        shard: score::Shard,
+        /// Read what is there once, judge it, ship the verdicts and exit.
+        #[arg(long)]
+        once: bool,
+        /// Only calls newer than this (s, m, h, d).
+        #[arg(long, default_value = "1h")]
+        since: String,
+        /// Re-read this far behind the newest call seen, for rows that reach ClickHouse late.
+        #[arg(long, default_value = "5m")]
+        lookback: String,
+        /// Pause between passes.
+        #[arg(long, default_value = "5s")]
+        poll_interval: String,
+    },
+    /// Verdicts that need a human (inside a judge's review band), oldest first.
+    Review {
+        #[command(flatten)]
+        common: Common,
+        /// Only this judge.
+        #[arg(long)]
+        judge: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config and print the effective one.
     Check {
         #[command(flatten)]
@@ -129,6 +165,19 @@ fn clickhouse_sink(
     Ok(llmtap_ingest::sink::clickhouse::ClickHouseSink::new(&ch))
 }
 
+/// `30s`, `5m`, `6h`, `7d` as a duration.
+fn parse_duration(flag: &str, s: &str) -> anyhow::Result<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("{flag} {s:?}: expected a number and a unit (s, m, h, d)"))?;
+    Ok(Duration::from_secs(match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => anyhow::bail!("{flag} {s:?}: unit must be s, m, h or d"),
+    }))
+}
+
 fn parse_since(s: &str) -> anyhow::Result<u64> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 =
@@ -159,6 +208,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing(&validated.raw.log_level);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
             rt.block_on(server::serve(validated, server::shutdown_signal()))
+        }
+        Command::Score { common, shard, once, since, lookback, poll_interval } => {
+            let (cfg, env) = load(&common, None, None)?;
+            let validated = cfg.validate(&env)?;
+            init_tracing(&validated.raw.log_level);
+            let args = score::ScoreArgs {
+                shard,
+                once,
+                since: parse_duration("--since", &since)?,
+                lookback: parse_duration("--lookback", &lookback)?,
+                poll_interval: parse_duration("--poll-interval", &poll_interval)?,
+                page_rows: 5000,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
+            let summary = rt.block_on(score::run(validated, args, server::shutdown_signal()))?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Review { common, judge, limit, json } => {
+            let (cfg, _) = load(&common, None, None)?;
+            let items = llmtap_scorer::report::review_queue(&cfg.data_dir, judge.as_deref(), limit)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg.data_dir.join("scores").display()))?;
+            if json {
+                for v in &items {
+                    println!("{}", serde_json::to_string(v)?);
+                }
+            } else {
+                print!("{}", llmtap_scorer::report::render_review(&items));
+            }
+            Ok(())
         }
         Command::Stats { common, by, since, top, json, from, judges } => {
             let (cfg, env) = load(&common, None, None)?;

@@ -14,7 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use llmtap_ingest::export::otlp::spawn_otlp;
 use llmtap_ingest::export::prometheus::{LlmMetrics, MetricsObserver, Sources};
 use llmtap_ingest::recorder::{spawn_recorder, RecorderConfig};
-use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink, ShipperSettings};
+use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink, ShipperSettings, ValidatedClickHouse};
 use llmtap_scorer::llm::LlmCaller;
 use llmtap_scorer::runner::{spawn_scorer, ScorerSetup, VerdictCache};
 use tokio::net::TcpListener;
@@ -38,10 +38,18 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     let metrics = LlmMetrics::new(cfg.raw.metrics.max_models).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let mut observers: Vec<Box<dyn llmtap_ingest::recorder::RecordObserver>> =
         vec![Box::new(MetricsObserver(metrics.clone()))];
+    let mut tracker = llmtap_scorer::agreement::AgreementTracker::new(10_000);
+    if let Err(e) = tracker.load(&cfg.raw.data_dir) {
+        tracing::warn!(error = %e, "cannot read earlier verdicts and feedback for the agreement metric");
+    }
+    let judging = crate::judging::JudgeMetrics::register(&metrics, Arc::new(std::sync::Mutex::new(tracker)))
+        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let scorer = if cfg.judges.is_empty() || !cfg.raw.scorer.in_process {
         None
     } else {
-        let (observer, handle) = spawn_scorer(&cfg.raw.data_dir, cfg.raw.log.clone(), scorer_setup(&cfg, Vec::new())?)?;
+        let setup = scorer_setup(&cfg, vec![judging.observer()], VerdictCache::new(cfg.raw.scorer.cache_entries))?;
+        let (observer, handle) = spawn_scorer(&cfg.raw.data_dir, cfg.raw.log.clone(), setup)?;
+        judging.set_stats(handle.stats.clone());
         tracing::info!(
             rule_judges = cfg.judges.rules.len(),
             llm_judges = cfg.judges.llm.len(),
@@ -80,16 +88,7 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     let shipper = match &cfg.clickhouse {
         Some(ch) => {
             let sink = Arc::new(ClickHouseSink::new(ch));
-            let settings = ShipperSettings {
-                batch_max_rows: ch.batch_max_rows,
-                batch_max_bytes: ch.batch_max_bytes,
-                batch_max_age: ch.batch_max_age,
-                poll_interval: ch.poll_interval,
-                retry_initial_backoff: ch.retry_initial_backoff,
-                retry_max_backoff: ch.retry_max_backoff,
-                keep_local: ch.keep_local,
-                max_disk_bytes: cfg.raw.log.max_disk_bytes,
-            };
+            let settings = shipper_settings(&cfg, ch);
             tracing::info!(url = %ch.url, database = %ch.database, "shipping records to clickhouse");
             Some(spawn_shipper(sink, cfg.raw.data_dir.clone(), settings, service::prepare)?)
         }
@@ -135,6 +134,7 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         metrics: metrics.clone(),
         shipper: shipper.as_ref().map(|s| s.stats.clone()),
         max_disk_bytes: cfg.raw.log.max_disk_bytes,
+        judging: judging.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
@@ -209,10 +209,25 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     Ok(())
 }
 
+/// How the shipper batches and retries, from `[clickhouse]` and `[log]`.
+pub fn shipper_settings(cfg: &ValidatedConfig, ch: &ValidatedClickHouse) -> ShipperSettings {
+    ShipperSettings {
+        batch_max_rows: ch.batch_max_rows,
+        batch_max_bytes: ch.batch_max_bytes,
+        batch_max_age: ch.batch_max_age,
+        poll_interval: ch.poll_interval,
+        retry_initial_backoff: ch.retry_initial_backoff,
+        retry_max_backoff: ch.retry_max_backoff,
+        keep_local: ch.keep_local,
+        max_disk_bytes: cfg.raw.log.max_disk_bytes,
+    }
+}
+
 /// The scorer's judges, judge client and limits from the config.
 pub fn scorer_setup(
     cfg: &ValidatedConfig,
     observers: Vec<Box<dyn llmtap_scorer::runner::VerdictObserver>>,
+    cache: VerdictCache,
 ) -> anyhow::Result<ScorerSetup> {
     let s = &cfg.raw.scorer;
     let caller = if cfg.judges.llm.is_empty() {
@@ -227,7 +242,7 @@ pub fn scorer_setup(
         caller,
         queue_capacity: s.queue_capacity,
         max_in_flight: s.max_in_flight,
-        cache: VerdictCache::new(s.cache_entries),
+        cache,
         observers,
     })
 }

@@ -404,3 +404,105 @@ async fn scores_feedback_and_drift_events_are_shipped_too() {
         assert_json_close(rec, &rows[0], table);
     }
 }
+
+/// The judges of the standalone test: a rule at 0.3 and an LLM judge at 0.5 on app "bot".
+fn standalone_judges(judge_url: &str) -> String {
+    format!(
+        r#"
+[scorer]
+in_process = false
+
+[[judge]]
+name = "short"
+kind = "rule"
+sample_rate = 0.3
+rule = {{ max_output_tokens = 100000 }}
+
+[[judge]]
+name = "helpful"
+kind = "llm"
+apps = ["bot"]
+sample_rate = 0.5
+endpoint = "{judge_url}"
+model = "gpt-4o-mini"
+rubric = "Rate this answer: {{{{output}}}}"
+output = {{ kind = "numeric", min = 1, max = 5, pass_at = 4 }}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_standalone_shards_judge_every_sampled_call_exactly_once() {
+    let Some(py) = chdb::python() else { return };
+    let ch = ChdbAdapter::start(&py).unwrap();
+    let judge = llmtap_testkit::judge::JudgeMock::start().await.unwrap();
+    let judges = standalone_judges(&judge.url("json"));
+    let (_mock, mut p) = start_shipping(&ch, &judges, None).await;
+    let c = client();
+    let ids = traffic(&c, &p.url(""), 90).await;
+    assert_eq!(wait_count(&ch, 90, Duration::from_secs(30)).await, 90);
+    p.terminate().unwrap();
+    assert!(p.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(!p.data_dir.join("scores").exists() || read_records(&p.data_dir.join("scores")).is_empty());
+
+    // What the sampling says must be judged: (trace id, judge).
+    let apps: std::collections::HashMap<String, String> = ch
+        .rows("SELECT trace_id, app FROM default.llm_traces")
+        .unwrap()
+        .into_iter()
+        .map(|r| (r["trace_id"].as_str().unwrap().to_owned(), r["app"].as_str().unwrap().to_owned()))
+        .collect();
+    let mut expected = std::collections::BTreeSet::new();
+    for t in &ids {
+        if llmtap_scorer::sample::is_sampled(t, "short", 0.3) {
+            expected.insert((t.clone(), "short".to_owned()));
+        }
+        if apps[t] == "bot" && llmtap_scorer::sample::is_sampled(t, "helpful", 0.5) {
+            expected.insert((t.clone(), "helpful".to_owned()));
+        }
+    }
+    assert!(expected.len() > 20, "{}", expected.len());
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("llmtap.toml");
+    std::fs::write(
+        &cfg_path,
+        format!("[clickhouse]\nurl = \"{}\"\nbatch_max_age_ms = 100\npoll_interval_ms = 50\n{judges}", ch.url()),
+    )
+    .unwrap();
+    let run = |shard: &str, data: PathBuf| {
+        let (cfg, shard) = (cfg_path.to_str().unwrap().to_owned(), shard.to_owned());
+        std::thread::spawn(move || {
+            let args = ["score", "--once", "--shard", &shard, "--config", &cfg, "--data-dir", data.to_str().unwrap()];
+            let (code, out, err) = llmtap_cli(&args, &[]);
+            assert_eq!(code, 0, "{err}");
+            serde_json::from_str::<Value>(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+        })
+    };
+    let shards = [run("0/2", dir.path().join("s0")), run("1/2", dir.path().join("s1"))];
+    let summaries: Vec<Value> = shards.into_iter().map(|h| h.join().unwrap()).collect();
+    eprintln!("shards: {summaries:?}");
+    let verdicts: u64 = summaries.iter().map(|s| s["verdicts"].as_u64().unwrap()).sum();
+    let read: u64 = summaries.iter().map(|s| s["calls_read"].as_u64().unwrap()).sum();
+    assert_eq!(read, 90, "the shards split the calls: {summaries:?}");
+    assert!(summaries.iter().all(|s| s["calls_read"].as_u64().unwrap() > 0), "{summaries:?}");
+    assert_eq!(verdicts, expected.len() as u64, "{summaries:?}");
+    assert_eq!(summaries.iter().map(|s| s["error_verdicts"].as_u64().unwrap()).sum::<u64>(), 0);
+
+    // In ClickHouse: exactly the expected (trace, judge) pairs, each once.
+    let rows = ch.rows("SELECT trace_id, judge, span_id, judge_kind, score FROM default.llm_scores").unwrap();
+    assert_eq!(rows.len(), expected.len());
+    let got: std::collections::BTreeSet<(String, String)> = rows
+        .iter()
+        .map(|r| (r["trace_id"].as_str().unwrap().to_owned(), r["judge"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(got, expected);
+    for r in rows.iter().filter(|r| r["judge"] == "helpful") {
+        assert_eq!((r["judge_kind"].as_str(), r["score"].as_f64()), (Some("llm"), Some(3.0)));
+    }
+    // A rerun of one shard (fresh disk) finds everything judged already.
+    let again = run("0/2", dir.path().join("s0-again")).join().unwrap();
+    assert_eq!(again["verdicts"], 0, "{again}");
+    assert!(again["already_judged"].as_u64().unwrap() > 0, "{again}");
+    assert_eq!(count(&ch, "SELECT count() AS n FROM default.llm_scores"), expected.len() as u64);
+}

@@ -228,3 +228,76 @@ async fn check_names_bad_llm_judges() {
         assert!(stderr.contains(want), "{cfg}\nwant: {want}\ngot: {stderr}");
     }
 }
+
+async fn get(c: &HttpClient, url: &str) -> String {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(url).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
+    let resp = c.request(req).await.unwrap();
+    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agreement_metric_and_review_queue_follow_feedback() {
+    let judge = JudgeMock::start().await.unwrap();
+    let cfg = format!(
+        r#"
+[[judge]]
+name = "helpfulness"
+kind = "llm"
+endpoint = "{}"
+model = "gpt-4o-mini"
+rubric = "{{{{output}}}}"
+output = {{ kind = "numeric", min = 1, max = 5, pass_at = 4, review_band = 0.5 }}
+"#,
+        judge.url("json")
+    );
+    let mut env = start(&cfg).await;
+    // Judge scores, and what a human says about the same calls (1–5).
+    let judged = [5.0, 4.0, 3.0, 2.0, 1.0, 4.2, 3.8];
+    let human = [4.0, 5.0, 3.0, 1.0, 2.0];
+    let mut traces = Vec::new();
+    for s in judged {
+        let r = post_json(
+            &env.client,
+            &env.llmtap.url("/v1/chat/completions"),
+            &[("x-mock-content", &format!("SCORE={s}"))],
+            &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        traces.push(r.trace_id());
+        // Verdict timestamps in call order, for the review queue's order.
+        wait_scores(&env.llmtap.data_dir, traces.len()).await;
+    }
+    let fb = format!("http://{}/v1/feedback", env.llmtap.admin);
+    for (t, h) in traces.iter().zip(human) {
+        let r = post_json(&env.client, &fb, &[], &json!({"trace_id": t, "name": "rating", "value": h})).await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+    }
+    let metrics = get(&env.client, &format!("http://{}/metrics", env.llmtap.admin)).await;
+    // Spearman over the 5 pairs: ranks (5,4,3,2,1) vs (4,5,3,1,2); d² = 1+1+0+1+1 = 4;
+    // rho = 1 − 6·4 / (5·24) = 0.8.
+    let line =
+        metrics.lines().find(|l| l.starts_with("llmtap_judge_agreement{")).unwrap_or_else(|| panic!("{metrics}"));
+    let (series, value) = line.rsplit_once(' ').unwrap();
+    assert_eq!(series, "llmtap_judge_agreement{judge=\"helpfulness\",method=\"spearman\"}");
+    assert!((value.parse::<f64>().unwrap() - 0.8).abs() < 1e-12, "{line}");
+    assert!(metrics.contains("llmtap_judge_agreement_pairs{judge=\"helpfulness\"} 5"), "{metrics}");
+    assert!(metrics.contains("llmtap_judge_verdicts_total{judge=\"helpfulness\",result=\"pass\"} 3"), "{metrics}");
+    assert!(metrics.contains("llmtap_judge_verdicts_total{judge=\"helpfulness\",result=\"fail\"} 4"), "{metrics}");
+
+    env.llmtap.terminate().unwrap();
+    assert!(env.llmtap.wait_exit(Duration::from_secs(20)).unwrap().success());
+    // Needing review: 4.0 (has feedback), 4.2 and 3.8 (none yet) — the last two, oldest first.
+    let data = env.llmtap.data_dir.to_str().unwrap().to_owned();
+    let (code, out, err) = llmtap_cli(&["review", "--json", "--data-dir", &data], &[]);
+    assert_eq!(code, 0, "{err}");
+    let items: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<(&str, f64)> =
+        items.iter().map(|i| (i["trace_id"].as_str().unwrap(), i["score"].as_f64().unwrap())).collect();
+    assert_eq!(got, vec![(traces[5].as_str(), 4.2), (traces[6].as_str(), 3.8)]);
+    let (_, table, _) = llmtap_cli(&["review", "--data-dir", &data, "--judge", "nope"], &[]);
+    assert_eq!(table, "nothing to review\n");
+    let (_, table, _) = llmtap_cli(&["review", "--data-dir", &data, "--limit", "1"], &[]);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.lines().nth(1).unwrap().contains(&traces[5]), "{table}");
+}

@@ -2,7 +2,10 @@
 //! rank correlation for numeric scores, over calls that have both a verdict and feedback.
 //! Falling agreement says the judge, not the model, needs work.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+
+use llmtap_ingest::record::{FeedbackRecord, ScoreRecord};
 
 /// Cohen's kappa of paired labels; `None` with no pairs or when chance agreement is total.
 pub fn cohens_kappa<L: Ord + Clone>(pairs: &[(L, L)]) -> Option<f64> {
@@ -60,6 +63,91 @@ pub fn spearman(pairs: &[(f64, f64)]) -> Option<f64> {
         return None;
     }
     Some(cov / (va.sqrt() * vb.sqrt()))
+}
+
+/// Recent verdicts and human feedback, for the live agreement of each judge (the metric and
+/// the drift signal). Bounded: the oldest verdicts and feedback are forgotten first.
+#[derive(Debug)]
+pub struct AgreementTracker {
+    /// judge → its recent verdicts (errors excluded).
+    verdicts: HashMap<String, VecDeque<ScoreRecord>>,
+    /// trace → the latest feedback on it.
+    feedback: HashMap<String, FeedbackRecord>,
+    feedback_order: VecDeque<String>,
+    capacity: usize,
+}
+
+/// Agreement of one judge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JudgeAgreement {
+    pub judge: String,
+    pub method: &'static str,
+    pub value: Option<f64>,
+    /// Verdicts with feedback.
+    pub pairs: u64,
+}
+
+impl AgreementTracker {
+    pub fn new(capacity: usize) -> Self {
+        AgreementTracker {
+            verdicts: HashMap::new(),
+            feedback: HashMap::new(),
+            feedback_order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn add_verdict(&mut self, v: &ScoreRecord) {
+        if !v.error.is_empty() {
+            return;
+        }
+        let q = self.verdicts.entry(v.judge.clone()).or_default();
+        q.push_back(v.clone());
+        if q.len() > self.capacity {
+            q.pop_front();
+        }
+    }
+
+    pub fn add_feedback(&mut self, f: &FeedbackRecord) {
+        if self.feedback.insert(f.trace_id.clone(), f.clone()).is_none() {
+            self.feedback_order.push_back(f.trace_id.clone());
+            if self.feedback_order.len() > self.capacity {
+                if let Some(old) = self.feedback_order.pop_front() {
+                    self.feedback.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Reads what the local log already holds (after a restart).
+    pub fn load(&mut self, data_dir: &Path) -> std::io::Result<()> {
+        llmtap_ingest::log::for_each_line(&data_dir.join("feedback"), |_, line| {
+            if let Ok(f) = serde_json::from_str::<FeedbackRecord>(line) {
+                self.add_feedback(&f);
+            }
+        })?;
+        llmtap_ingest::log::for_each_line(&data_dir.join("scores"), |_, line| {
+            if let Ok(v) = serde_json::from_str::<ScoreRecord>(line) {
+                self.add_verdict(&v);
+            }
+        })
+    }
+
+    /// Each judge's agreement over its verdicts that have feedback.
+    pub fn agreement(&self) -> Vec<JudgeAgreement> {
+        let mut out: Vec<JudgeAgreement> = self
+            .verdicts
+            .iter()
+            .map(|(judge, vs)| {
+                let paired: Vec<(&ScoreRecord, &FeedbackRecord)> =
+                    vs.iter().filter_map(|v| self.feedback.get(&v.trace_id).map(|f| (v, f))).collect();
+                let (value, method) = crate::report::agreement(&paired);
+                JudgeAgreement { judge: judge.clone(), method, value, pairs: paired.len() as u64 }
+            })
+            .collect();
+        out.sort_by(|a, b| a.judge.cmp(&b.judge));
+        out
+    }
 }
 
 #[cfg(test)]

@@ -76,19 +76,105 @@ pub fn judges_report(data_dir: &Path) -> std::io::Result<Vec<JudgeRow>> {
         let paired: Vec<(&ScoreRecord, &FeedbackRecord)> =
             ok.iter().filter_map(|s| feedback.get(&s.trace_id).map(|f| (*s, f))).collect();
         row.agreement_n = paired.len() as u64;
-        let binary = ok.iter().all(|s| s.judge_kind == "rule");
-        if binary {
-            let pairs: Vec<(bool, bool)> = paired.iter().map(|(s, f)| (s.passed == 1, human_pass(f))).collect();
-            row.agreement = cohens_kappa(&pairs);
-            row.agreement_method = "kappa".into();
-        } else {
-            let pairs: Vec<(f64, f64)> = paired.iter().map(|(s, f)| (s.score, f.value)).collect();
-            row.agreement = spearman(&pairs);
-            row.agreement_method = "spearman".into();
-        }
+        let (agreement, method) = agreement(&paired);
+        row.agreement = agreement;
+        row.agreement_method = method.into();
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Judge–human agreement over (verdict, feedback) pairs of one judge: Cohen's kappa on
+/// pass/fail for rule and boolean judges, on labels for categorical judges, Spearman's rho
+/// on scores for numeric judges.
+pub fn agreement(paired: &[(&ScoreRecord, &FeedbackRecord)]) -> (Option<f64>, &'static str) {
+    let boolean = paired.iter().all(|(s, _)| s.judge_kind == "rule" || s.label == "pass" || s.label == "fail");
+    let categorical = !boolean && paired.iter().all(|(s, _)| !s.label.is_empty());
+    if boolean {
+        let pairs: Vec<(bool, bool)> = paired.iter().map(|(s, f)| (s.passed == 1, human_pass(f))).collect();
+        (cohens_kappa(&pairs), "kappa")
+    } else if categorical {
+        let pairs: Vec<(String, String)> =
+            paired.iter().map(|(s, f)| (s.label.to_ascii_lowercase(), f.label.to_ascii_lowercase())).collect();
+        (cohens_kappa(&pairs), "kappa")
+    } else {
+        let pairs: Vec<(f64, f64)> = paired.iter().map(|(s, f)| (s.score, f.value)).collect();
+        (spearman(&pairs), "spearman")
+    }
+}
+
+/// One verdict waiting for a human.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReviewItem {
+    pub ts: String,
+    pub judge: String,
+    pub app: String,
+    pub model: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub score: f64,
+    pub label: String,
+    pub reasoning: String,
+}
+
+/// Verdicts flagged `needs_review` whose call has no human feedback yet, oldest first.
+pub fn review_queue(data_dir: &Path, judge: Option<&str>, limit: usize) -> std::io::Result<Vec<ReviewItem>> {
+    let mut reviewed = std::collections::HashSet::new();
+    llmtap_ingest::log::for_each_line(&data_dir.join("feedback"), |_, line| {
+        if let Ok(f) = serde_json::from_str::<FeedbackRecord>(line) {
+            reviewed.insert(f.trace_id);
+        }
+    })?;
+    let mut out = Vec::new();
+    llmtap_ingest::log::for_each_line(&data_dir.join("scores"), |_, line| {
+        let Ok(s) = serde_json::from_str::<ScoreRecord>(line) else { return };
+        if s.needs_review == 1 && judge.is_none_or(|j| j == s.judge) && !reviewed.contains(&s.trace_id) {
+            out.push((s.ts, s));
+        }
+    })?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out
+        .into_iter()
+        .take(limit)
+        .map(|(ts, s)| ReviewItem {
+            ts: llmtap_ingest::record::ts_format::format(ts.0),
+            judge: s.judge,
+            app: s.app,
+            model: s.request_model,
+            trace_id: s.trace_id,
+            span_id: s.span_id,
+            score: s.score,
+            label: s.label,
+            reasoning: s.reasoning,
+        })
+        .collect())
+}
+
+/// The review table.
+pub fn render_review(items: &[ReviewItem]) -> String {
+    let mut out = String::new();
+    if items.is_empty() {
+        out.push_str("nothing to review\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<23} {:<20} {:<14} {:<32} {:>6} {:<10} reasoning",
+        "ts", "judge", "app", "trace_id", "score", "label"
+    );
+    for i in items {
+        let mut reasoning: String = i.reasoning.replace('\n', " ").chars().take(60).collect();
+        if i.reasoning.chars().count() > 60 {
+            reasoning.push('…');
+        }
+        let _ = writeln!(
+            out,
+            "{:<23} {:<20} {:<14} {:<32} {:>6.2} {:<10} {}",
+            i.ts, i.judge, i.app, i.trace_id, i.score, i.label, reasoning
+        );
+    }
+    out.push_str("Answer with POST /v1/feedback on the admin port (trace_id, name, value or label).\n");
+    out
 }
 
 /// The human table.

@@ -4,6 +4,9 @@
 //! only from bounded sets: route, provider, status class, error kind, token type, and the
 //! model, capped at `max_models` distinct values (later ones are reported as `other`).
 
+/// The `prometheus` crate, for collectors registered from other crates.
+pub use prometheus as prom;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -315,6 +318,11 @@ impl LlmMetrics {
             self.otlp_exported.set(o.exported.load(Ordering::Relaxed));
             self.otlp_dropped.set(o.dropped.load(Ordering::Relaxed));
         }
+    }
+
+    /// The registry, for collectors of other parts (the scorer's, the drift detector's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The exposition text for `GET /metrics` (`text/plain; version=0.0.4`).

@@ -1,0 +1,109 @@
+//! The scorer's Prometheus metrics: verdicts by judge and result, judge cost, the scorer's
+//! queue drops, and judge–human agreement per judge (recomputed at each scrape from recent
+//! verdicts and feedback).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use llmtap_ingest::export::prometheus::prom::{
+    self, CounterVec, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+};
+use llmtap_ingest::export::prometheus::LlmMetrics;
+use llmtap_ingest::record::ScoreRecord;
+use llmtap_scorer::agreement::AgreementTracker;
+use llmtap_scorer::runner::{ScorerStats, VerdictObserver};
+
+pub struct JudgeMetrics {
+    verdicts: IntCounterVec,
+    cost: CounterVec,
+    agreement: GaugeVec,
+    pairs: IntGaugeVec,
+    dropped: IntCounter,
+    pub tracker: Arc<Mutex<AgreementTracker>>,
+    stats: Mutex<Option<Arc<ScorerStats>>>,
+}
+
+impl JudgeMetrics {
+    pub fn register(metrics: &LlmMetrics, tracker: Arc<Mutex<AgreementTracker>>) -> prom::Result<Arc<Self>> {
+        let verdicts = IntCounterVec::new(
+            Opts::new("llmtap_judge_verdicts_total", "Verdicts written, by judge and result (pass, fail, error)."),
+            &["judge", "result"],
+        )?;
+        let cost = CounterVec::new(
+            Opts::new("llmtap_judge_cost_usd_total", "What LLM judges cost, by judge (USD)."),
+            &["judge"],
+        )?;
+        let agreement = GaugeVec::new(
+            Opts::new(
+                "llmtap_judge_agreement",
+                "Judge-human agreement over recent verdicts with feedback: Cohen's kappa or Spearman's rho (method).",
+            ),
+            &["judge", "method"],
+        )?;
+        let pairs = IntGaugeVec::new(
+            Opts::new("llmtap_judge_agreement_pairs", "Recent verdicts that have human feedback, by judge."),
+            &["judge"],
+        )?;
+        let dropped = IntCounter::new(
+            "llmtap_scorer_dropped_total",
+            "Sampled calls not judged because the scorer queue was full.",
+        )?;
+        let r = metrics.registry();
+        r.register(Box::new(verdicts.clone()))?;
+        r.register(Box::new(cost.clone()))?;
+        r.register(Box::new(agreement.clone()))?;
+        r.register(Box::new(pairs.clone()))?;
+        r.register(Box::new(dropped.clone()))?;
+        Ok(Arc::new(JudgeMetrics { verdicts, cost, agreement, pairs, dropped, tracker, stats: Mutex::new(None) }))
+    }
+
+    pub fn set_stats(&self, stats: Arc<ScorerStats>) {
+        if let Ok(mut s) = self.stats.lock() {
+            *s = Some(stats);
+        }
+    }
+
+    /// Brings the gauges up to date; call before rendering.
+    pub fn refresh(&self) {
+        if let Ok(t) = self.tracker.lock() {
+            for a in t.agreement() {
+                if let Some(v) = a.value {
+                    self.agreement.with_label_values(&[a.judge.as_str(), a.method]).set(v);
+                }
+                self.pairs.with_label_values(&[a.judge.as_str()]).set(a.pairs as i64);
+            }
+        }
+        if let Some(s) = self.stats.lock().ok().and_then(|s| s.clone()) {
+            let now = s.dropped.load(Ordering::Relaxed);
+            let seen = self.dropped.get();
+            if now > seen {
+                self.dropped.inc_by(now - seen);
+            }
+        }
+    }
+
+    pub fn observer(self: &Arc<Self>) -> Box<dyn VerdictObserver> {
+        Box::new(Observer(self.clone()))
+    }
+}
+
+struct Observer(Arc<JudgeMetrics>);
+
+impl VerdictObserver for Observer {
+    fn verdict(&mut self, v: &ScoreRecord) {
+        let result = if !v.error.is_empty() {
+            "error"
+        } else if v.passed == 1 {
+            "pass"
+        } else {
+            "fail"
+        };
+        self.0.verdicts.with_label_values(&[v.judge.as_str(), result]).inc();
+        if v.judge_cost_usd > 0.0 {
+            self.0.cost.with_label_values(&[v.judge.as_str()]).inc_by(v.judge_cost_usd);
+        }
+        if let Ok(mut t) = self.0.tracker.lock() {
+            t.add_verdict(v);
+        }
+    }
+}
