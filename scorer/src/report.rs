@@ -132,7 +132,7 @@ pub fn review_queue(data_dir: &Path, judge: Option<&str>, limit: usize) -> std::
             out.push((s.ts, s));
         }
     })?;
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by_key(|a| a.0);
     Ok(out
         .into_iter()
         .take(limit)
