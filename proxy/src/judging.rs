@@ -107,3 +107,14 @@ impl VerdictObserver for Observer {
         }
     }
 }
+
+/// Sends each verdict to the OTLP exporter as a `gen_ai.evaluation.result` event.
+pub fn otlp_observer(tx: llmtap_ingest::export::otlp::EvaluationSender) -> Box<dyn VerdictObserver> {
+    struct Otlp(llmtap_ingest::export::otlp::EvaluationSender);
+    impl VerdictObserver for Otlp {
+        fn verdict(&mut self, v: &ScoreRecord) {
+            self.0.send(v);
+        }
+    }
+    Box::new(Otlp(tx))
+}

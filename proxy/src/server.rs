@@ -38,6 +38,21 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     let metrics = LlmMetrics::new(cfg.raw.metrics.max_models).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let mut observers: Vec<Box<dyn llmtap_ingest::recorder::RecordObserver>> =
         vec![Box::new(MetricsObserver(metrics.clone()))];
+    let mut evaluations = None;
+    let otlp = match &cfg.otlp {
+        Some(o) => {
+            let (observer, handle) = spawn_otlp(o.clone())?;
+            tracing::info!(
+                endpoint = o.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_*)"),
+                grpc = o.grpc,
+                "exporting OTLP spans, metrics and evaluation events"
+            );
+            evaluations = Some(observer.evaluations());
+            observers.push(Box::new(observer));
+            Some(handle)
+        }
+        None => None,
+    };
     let mut tracker = llmtap_scorer::agreement::AgreementTracker::new(10_000);
     if let Err(e) = tracker.load(&cfg.raw.data_dir) {
         tracing::warn!(error = %e, "cannot read earlier verdicts and feedback for the agreement metric");
@@ -47,7 +62,11 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     let scorer = if cfg.judges.is_empty() || !cfg.raw.scorer.in_process {
         None
     } else {
-        let setup = scorer_setup(&cfg, vec![judging.observer()], VerdictCache::new(cfg.raw.scorer.cache_entries))?;
+        let mut verdict_observers = vec![judging.observer()];
+        if let Some(e) = evaluations.take() {
+            verdict_observers.push(crate::judging::otlp_observer(e));
+        }
+        let setup = scorer_setup(&cfg, verdict_observers, VerdictCache::new(cfg.raw.scorer.cache_entries))?;
         let (observer, handle) = spawn_scorer(&cfg.raw.data_dir, cfg.raw.log.clone(), setup)?;
         judging.set_stats(handle.stats.clone());
         tracing::info!(
@@ -58,19 +77,8 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         observers.push(Box::new(observer));
         Some(handle)
     };
-    let otlp = match &cfg.otlp {
-        Some(o) => {
-            let (observer, handle) = spawn_otlp(o.clone())?;
-            tracing::info!(
-                endpoint = o.endpoint.as_deref().unwrap_or("(from OTEL_EXPORTER_OTLP_*)"),
-                grpc = o.grpc,
-                "exporting OTLP spans and metrics"
-            );
-            observers.push(Box::new(observer));
-            Some(handle)
-        }
-        None => None,
-    };
+    // Without a scorer nobody sends evaluations; the exporter must not wait for this sender.
+    drop(evaluations);
     let (recorder_tx, recorder) = spawn_recorder(
         &cfg.raw.data_dir,
         RecorderConfig {

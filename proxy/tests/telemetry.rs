@@ -365,3 +365,82 @@ async fn otlp_grpc_export_reaches_a_grpc_receiver() {
     assert!(text.lines().any(|l| l == "llmtap_otlp_spans_exported_total 1"), "{text}");
     assert!(text.lines().any(|l| l == "llmtap_otlp_spans_dropped_total 0"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_become_gen_ai_evaluation_result_events() {
+    let recv = OtlpReceiver::start().await.unwrap();
+    let judge = llmtap_testkit::judge::JudgeMock::start().await.unwrap();
+    let cfg = format!(
+        r#"
+[otlp]
+endpoint = "{otlp}"
+flush_interval_ms = 100
+
+[[judge]]
+name = "cites_plan"
+kind = "rule"
+rule = {{ regex = "(?i)plan:" }}
+
+[[judge]]
+name = "helpfulness"
+kind = "llm"
+endpoint = "{ok}"
+model = "gpt-4o-mini"
+rubric = "{{{{output}}}}"
+output = {{ kind = "numeric", min = 1, max = 5, pass_at = 4 }}
+
+[[judge]]
+name = "confused"
+kind = "llm"
+endpoint = "{garbage}"
+model = "gpt-4o-mini"
+rubric = "{{{{output}}}}"
+"#,
+        otlp = recv.url(),
+        ok = judge.url("json"),
+        garbage = judge.url("garbage"),
+    );
+    let env = start(&cfg).await;
+    let r = post_json(
+        &env.client,
+        &env.llmtap.url("/v1/chat/completions"),
+        &[
+            ("x-mock-content", "SCORE=5 Your plan: Pro"),
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ],
+        &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "plan?"}]}),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        let e = recv.events();
+        if e.len() >= 3 || Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(events.len(), 3, "{events:#?}");
+    let by = |name: &str| events.iter().find(|e| e.attributes["gen_ai.evaluation.name"] == name).unwrap();
+    for e in &events {
+        assert_eq!(e.event_name, "gen_ai.evaluation.result");
+        assert_eq!(e.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(e.span_id, rec["span_id"].as_str().unwrap(), "parented to the judged call's span");
+        assert_eq!(e.severity_number, 9, "INFO");
+    }
+    let rule = &by("cites_plan").attributes;
+    assert_eq!(rule["gen_ai.evaluation.score.value"], json!(1.0));
+    assert_eq!(rule["gen_ai.evaluation.score.label"], "pass");
+    assert_eq!(rule["gen_ai.evaluation.explanation"], "every pattern matches");
+    assert_eq!(rule["llmtap.judge.kind"], "rule");
+    let llm = &by("helpfulness").attributes;
+    assert_eq!(llm["gen_ai.evaluation.score.value"], json!(5.0));
+    assert_eq!(llm["gen_ai.evaluation.score.label"], "pass");
+    assert_eq!(llm["llmtap.judge.model"], "gpt-4o-mini");
+    assert_eq!(llm["llmtap.judge.passed"], true);
+    let err = &by("confused").attributes;
+    assert_eq!(err["error.type"], "judge_error");
+    assert!(err.get("gen_ai.evaluation.score.value").is_none());
+    assert!(err["gen_ai.evaluation.explanation"].as_str().unwrap().starts_with("unreadable judge answer"), "{err:?}");
+}

@@ -1,5 +1,5 @@
-//! A real OTLP receiver for tests: OTLP/HTTP (`POST /v1/traces`, `/v1/metrics`) and OTLP/gRPC
-//! (h2c, `…TraceService/Export`, `…MetricsService/Export`), bodies decoded with
+//! A real OTLP receiver for tests: OTLP/HTTP (`POST /v1/traces`, `/v1/metrics`, `/v1/logs`) and
+//! OTLP/gRPC (h2c, `…TraceService/Export`, `…MetricsService/Export`, `…LogsService/Export`), bodies decoded with
 //! `opentelemetry-proto` and kept for assertions.
 
 use std::convert::Infallible;
@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
@@ -23,6 +24,18 @@ use tokio::net::TcpListener;
 struct Received {
     traces: Vec<ExportTraceServiceRequest>,
     metrics: Vec<ExportMetricsServiceRequest>,
+    logs: Vec<ExportLogsServiceRequest>,
+}
+
+/// A log record (event) as received.
+#[derive(Clone, Debug)]
+pub struct ReceivedEvent {
+    pub event_name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub severity_number: i32,
+    pub time_unix_nano: u64,
+    pub attributes: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A receiver on loopback.
@@ -132,6 +145,8 @@ impl OtlpReceiver {
                                     "/v1/traces"
                                 } else if path.ends_with("MetricsService/Export") {
                                     "/v1/metrics"
+                                } else if path.ends_with("LogsService/Export") {
+                                    "/v1/logs"
                                 } else {
                                     ""
                                 };
@@ -149,6 +164,11 @@ impl OtlpReceiver {
                                     "/v1/metrics" => {
                                         if let Ok(m) = ExportMetricsServiceRequest::decode(body.as_ref()) {
                                             r.metrics.push(m);
+                                        }
+                                    }
+                                    "/v1/logs" => {
+                                        if let Ok(m) = ExportLogsServiceRequest::decode(body.as_ref()) {
+                                            r.logs.push(m);
                                         }
                                     }
                                     _ => {}
@@ -205,6 +225,29 @@ impl OtlpReceiver {
                             resource: resource.clone(),
                             start_unix_nano: s.start_time_unix_nano,
                             end_unix_nano: s.end_time_unix_nano,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every log record (event) received.
+    pub fn events(&self) -> Vec<ReceivedEvent> {
+        let Ok(r) = self.got.lock() else { return Vec::new() };
+        let mut out = Vec::new();
+        for req in &r.logs {
+            for rl in &req.resource_logs {
+                for sl in &rl.scope_logs {
+                    for l in &sl.log_records {
+                        out.push(ReceivedEvent {
+                            event_name: l.event_name.clone(),
+                            trace_id: hex(&l.trace_id),
+                            span_id: hex(&l.span_id),
+                            severity_number: l.severity_number,
+                            time_unix_nano: l.time_unix_nano,
+                            attributes: attrs(&l.attributes),
                         });
                     }
                 }

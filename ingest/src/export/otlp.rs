@@ -18,10 +18,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
 use opentelemetry::metrics::{Histogram, MeterProvider as _};
 use opentelemetry::trace::{Event, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
 use opentelemetry::{Array, InstrumentationScope, Key, KeyValue, StringValue, Value};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, SdkLogRecord, SdkLogger, SdkLoggerProvider};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use opentelemetry_sdk::Resource;
@@ -29,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::OtlpStats;
 use crate::exchange::CallExtras;
-use crate::record::{ErrorKind, Operation, TraceRecord, UsageSource};
+use crate::record::{ErrorKind, Operation, ScoreRecord, TraceRecord, UsageSource};
 use crate::recorder::{ObservedMeta, RecordObserver};
 
 /// `gen_ai.client.token.usage` boundaries.
@@ -413,9 +415,70 @@ impl Instruments {
     }
 }
 
-struct Queued {
-    record: TraceRecord,
-    extras: CallExtras,
+enum Queued {
+    Span(TraceRecord, CallExtras),
+    Evaluation(ScoreRecord),
+}
+
+/// The scorer-side end: queues `gen_ai.evaluation.result` events without waiting.
+#[derive(Clone)]
+pub struct EvaluationSender {
+    tx: tokio::sync::mpsc::Sender<Queued>,
+    stats: Arc<OtlpStats>,
+}
+
+impl EvaluationSender {
+    /// Queues one verdict; a full queue drops it (counted with the spans).
+    pub fn send(&self, v: &ScoreRecord) {
+        if self.tx.try_send(Queued::Evaluation(v.clone())).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The `gen_ai.evaluation.result` event of one verdict, in the judged call's span context.
+/// Error verdicts carry `error.type = judge_error` and the reason as the explanation.
+pub fn evaluation_event(v: &ScoreRecord, logger: &SdkLogger) -> SdkLogRecord {
+    let mut rec = logger.create_log_record();
+    rec.set_event_name("gen_ai.evaluation.result");
+    rec.set_timestamp(v.ts.0);
+    rec.set_observed_timestamp(std::time::SystemTime::now());
+    rec.set_severity_number(opentelemetry::logs::Severity::Info);
+    rec.set_severity_text("INFO");
+    if let (Ok(t), Ok(s)) = (TraceId::from_hex(&v.trace_id), SpanId::from_hex(&v.span_id)) {
+        rec.set_trace_context(t, s, Some(TraceFlags::SAMPLED));
+    }
+    rec.add_attribute("gen_ai.evaluation.name", v.judge.clone());
+    if v.error.is_empty() {
+        rec.add_attribute("gen_ai.evaluation.score.value", v.score);
+        let label = if v.label.is_empty() {
+            if v.passed == 1 {
+                "pass"
+            } else {
+                "fail"
+            }
+        } else {
+            v.label.as_str()
+        };
+        rec.add_attribute("gen_ai.evaluation.score.label", label.to_owned());
+        if !v.reasoning.is_empty() {
+            rec.add_attribute("gen_ai.evaluation.explanation", v.reasoning.clone());
+        }
+    } else {
+        rec.add_attribute("error.type", "judge_error");
+        rec.add_attribute("gen_ai.evaluation.explanation", v.error.clone());
+    }
+    rec.add_attribute("llmtap.judge.version", v.judge_version.clone());
+    rec.add_attribute("llmtap.judge.kind", v.judge_kind.clone());
+    rec.add_attribute("llmtap.judge.passed", v.passed == 1);
+    rec.add_attribute("llmtap.judge.needs_review", v.needs_review == 1);
+    if !v.judge_model.is_empty() {
+        rec.add_attribute("llmtap.judge.model", v.judge_model.clone());
+    }
+    if !v.app.is_empty() {
+        rec.add_attribute("llmtap.app", v.app.clone());
+    }
+    rec
 }
 
 /// The recorder-side end: counts metrics and queues spans without waiting.
@@ -423,6 +486,13 @@ pub struct OtlpObserver {
     tx: tokio::sync::mpsc::Sender<Queued>,
     instruments: Option<Instruments>,
     stats: Arc<OtlpStats>,
+}
+
+impl OtlpObserver {
+    /// Where the scorer sends verdicts. Drop it before waiting on the handle.
+    pub fn evaluations(&self) -> EvaluationSender {
+        EvaluationSender { tx: self.tx.clone(), stats: self.stats.clone() }
+    }
 }
 
 impl RecordObserver for OtlpObserver {
@@ -433,7 +503,7 @@ impl RecordObserver for OtlpObserver {
         if semconv_operation(record.operation).is_none() {
             return;
         }
-        if self.tx.try_send(Queued { record: record.clone(), extras: meta.clone() }).is_err() {
+        if self.tx.try_send(Queued::Span(record.clone(), meta.clone())).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -527,6 +597,31 @@ fn build_span_exporter(o: &ResolvedOtlp) -> Result<opentelemetry_otlp::SpanExpor
     res.map_err(|e| OtlpError::Build(e.to_string()))
 }
 
+fn build_log_exporter(o: &ResolvedOtlp) -> Result<opentelemetry_otlp::LogExporter, OtlpError> {
+    let timeout = Duration::from_millis(o.cfg.timeout_ms);
+    let b = opentelemetry_otlp::LogExporter::builder();
+    let res = if o.grpc {
+        let mut t = b.with_tonic().with_protocol(Protocol::Grpc).with_timeout(timeout);
+        if let Some(e) = &o.endpoint {
+            t = t.with_endpoint(e.clone());
+            if e.starts_with("https://") {
+                t = t.with_tls_config(
+                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_enabled_roots(),
+                );
+            }
+        }
+        t.build()
+    } else {
+        let client = opentelemetry_http::hyper::HyperClient::new(https_connector()?, timeout, None);
+        let mut h = b.with_http().with_protocol(Protocol::HttpBinary).with_timeout(timeout).with_http_client(client);
+        if let Some(e) = &o.endpoint {
+            h = h.with_endpoint(format!("{e}/v1/logs"));
+        }
+        h.build()
+    };
+    res.map_err(|e| OtlpError::Build(e.to_string()))
+}
+
 fn build_meter_provider(
     o: &ResolvedOtlp,
     res: &Resource,
@@ -553,6 +648,28 @@ fn build_meter_provider(
         .with_interval(Duration::from_millis(o.cfg.metrics_interval_ms.max(100)))
         .build();
     Ok(SdkMeterProvider::builder().with_resource(res.clone()).with_reader(reader).build())
+}
+
+/// Counts one export's items as exported or dropped.
+fn account(
+    stats: &OtlpStats,
+    n: u64,
+    what: &'static str,
+    outcome: Result<opentelemetry_sdk::error::OTelSdkResult, tokio::time::error::Elapsed>,
+) {
+    match outcome {
+        Ok(Ok(())) => {
+            stats.exported.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(Err(e)) => {
+            stats.dropped.fetch_add(n, Ordering::Relaxed);
+            tracing::debug!(error = %e, items = n, what, "otlp export failed; dropped");
+        }
+        Err(_) => {
+            stats.dropped.fetch_add(n, Ordering::Relaxed);
+            tracing::debug!(items = n, what, "otlp export timed out; dropped");
+        }
+    }
 }
 
 /// Starts the exporter thread; returns the observer for the recorder and the handle.
@@ -582,14 +699,16 @@ pub fn spawn_otlp(o: ResolvedOtlp) -> Result<(OtlpObserver, OtlpHandle), OtlpErr
             let setup = rt.block_on(async {
                 let mut spans = build_span_exporter(&o)?;
                 spans.set_resource(&res);
+                let mut logs = build_log_exporter(&o)?;
+                logs.set_resource(&res);
                 let meters = if o.cfg.metrics {
                     Some(build_meter_provider(&o, &res, tokio::runtime::Handle::current())?)
                 } else {
                     None
                 };
-                Ok::<_, OtlpError>((spans, meters))
+                Ok::<_, OtlpError>((spans, logs, meters))
             });
-            let (spans, meters) = match setup {
+            let (spans, logs, meters) = match setup {
                 Ok(x) => x,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -623,6 +742,9 @@ pub fn spawn_otlp(o: ResolvedOtlp) -> Result<(OtlpObserver, OtlpHandle), OtlpErr
             });
             let _ = ready_tx.send(Ok(instruments));
             let scope = InstrumentationScope::builder("llmtap").with_version(env!("CARGO_PKG_VERSION")).build();
+            // Only a record factory: events are exported below, on this runtime, like spans.
+            let logger =
+                SdkLoggerProvider::builder().with_resource(res.clone()).build().logger_with_scope(scope.clone());
             let timeout = Duration::from_millis(o.cfg.timeout_ms);
             let flush = Duration::from_millis(o.cfg.flush_interval_ms.max(1));
             rt.block_on(async move {
@@ -644,23 +766,27 @@ pub fn spawn_otlp(o: ResolvedOtlp) -> Result<(OtlpObserver, OtlpHandle), OtlpErr
                     if queued.is_empty() {
                         continue;
                     }
-                    let batch: Vec<SpanData> = queued
-                        .drain(..)
-                        .filter_map(|q| span_from(&q.record, &q.extras, &scope, o.cfg.content))
-                        .collect();
-                    let n = batch.len() as u64;
-                    match tokio::time::timeout(timeout, spans.export(batch)).await {
-                        Ok(Ok(())) => {
-                            thread_stats.exported.fetch_add(n, Ordering::Relaxed);
+                    let mut batch: Vec<SpanData> = Vec::new();
+                    let mut events: Vec<SdkLogRecord> = Vec::new();
+                    for q in queued.drain(..) {
+                        match q {
+                            Queued::Span(record, extras) => {
+                                batch.extend(span_from(&record, &extras, &scope, o.cfg.content));
+                            }
+                            Queued::Evaluation(v) => events.push(evaluation_event(&v, &logger)),
                         }
-                        Ok(Err(e)) => {
-                            thread_stats.dropped.fetch_add(n, Ordering::Relaxed);
-                            tracing::debug!(error = %e, spans = n, "otlp export failed; spans dropped");
-                        }
-                        Err(_) => {
-                            thread_stats.dropped.fetch_add(n, Ordering::Relaxed);
-                            tracing::debug!(spans = n, "otlp export timed out; spans dropped");
-                        }
+                    }
+                    if !batch.is_empty() {
+                        let n = batch.len() as u64;
+                        let outcome = tokio::time::timeout(timeout, spans.export(batch)).await;
+                        account(&thread_stats, n, "spans", outcome);
+                    }
+                    if !events.is_empty() {
+                        let n = events.len() as u64;
+                        let pairs: Vec<(&SdkLogRecord, &InstrumentationScope)> =
+                            events.iter().map(|e| (e, &scope)).collect();
+                        let outcome = tokio::time::timeout(timeout, logs.export(LogBatch::new(&pairs))).await;
+                        account(&thread_stats, n, "evaluation events", outcome);
                     }
                 }
                 if let Some(p) = meters {
