@@ -416,7 +416,7 @@ impl Instruments {
 }
 
 enum Queued {
-    Span(TraceRecord, CallExtras),
+    Span(Box<(TraceRecord, CallExtras)>),
     Evaluation(ScoreRecord),
 }
 
@@ -503,7 +503,7 @@ impl RecordObserver for OtlpObserver {
         if semconv_operation(record.operation).is_none() {
             return;
         }
-        if self.tx.try_send(Queued::Span(record.clone(), meta.clone())).is_err() {
+        if self.tx.try_send(Queued::Span(Box::new((record.clone(), meta.clone())))).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -770,8 +770,8 @@ pub fn spawn_otlp(o: ResolvedOtlp) -> Result<(OtlpObserver, OtlpHandle), OtlpErr
                     let mut events: Vec<SdkLogRecord> = Vec::new();
                     for q in queued.drain(..) {
                         match q {
-                            Queued::Span(record, extras) => {
-                                batch.extend(span_from(&record, &extras, &scope, o.cfg.content));
+                            Queued::Span(q) => {
+                                batch.extend(span_from(&q.0, &q.1, &scope, o.cfg.content));
                             }
                             Queued::Evaluation(v) => events.push(evaluation_event(&v, &logger)),
                         }
