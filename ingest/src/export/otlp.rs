@@ -417,7 +417,7 @@ impl Instruments {
 
 enum Queued {
     Span(Box<(TraceRecord, CallExtras)>),
-    Evaluation(ScoreRecord),
+    Evaluation(Box<ScoreRecord>),
 }
 
 /// The scorer-side end: queues `gen_ai.evaluation.result` events without waiting.
@@ -430,7 +430,7 @@ pub struct EvaluationSender {
 impl EvaluationSender {
     /// Queues one verdict; a full queue drops it (counted with the spans).
     pub fn send(&self, v: &ScoreRecord) {
-        if self.tx.try_send(Queued::Evaluation(v.clone())).is_err() {
+        if self.tx.try_send(Queued::Evaluation(Box::new(v.clone()))).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
