@@ -33,6 +33,8 @@ pub struct AdminState {
     pub feedback_token: String,
     /// The scorer's metrics and the live judge–human agreement.
     pub judging: Arc<crate::judging::JudgeMetrics>,
+    /// Feedback also feeds the drift detector (judge–human agreement); taken at shutdown.
+    pub drift: std::sync::Mutex<Option<llmtap_scorer::drift::runner::DriftSender>>,
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
@@ -68,6 +70,9 @@ async fn feedback(state: &AdminState, req: Request<Incoming>) -> Response<Full<B
             let trace_id = rec.trace_id.clone();
             if let Ok(mut t) = state.judging.tracker.lock() {
                 t.add_feedback(&rec);
+            }
+            if let Some(d) = state.drift.lock().ok().and_then(|d| d.clone()) {
+                d.send(llmtap_scorer::drift::Input::Feedback(Box::new(rec.clone())));
             }
             if state.feedback.try_store(rec) {
                 json(StatusCode::ACCEPTED, serde_json::json!({"status": "accepted", "trace_id": trace_id}))

@@ -38,6 +38,8 @@ pub struct Config {
     pub otlp: llmtap_ingest::export::otlp::OtlpConfig,
     pub scorer: llmtap_scorer::ScorerConfig,
     pub feedback: crate::feedback::FeedbackConfig,
+    /// Drift detection; with no section every signal is watched with the defaults.
+    pub drift: llmtap_scorer::drift::DriftConfig,
     /// What each app is for; budgets and safety rules become rule judges.
     #[serde(rename = "intent")]
     pub intents: Vec<llmtap_scorer::IntentConfig>,
@@ -68,6 +70,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             otlp: Default::default(),
             scorer: Default::default(),
+            drift: Default::default(),
             feedback: Default::default(),
             intents: Vec::new(),
             judges: Vec::new(),
@@ -305,6 +308,14 @@ impl Config {
                 reason: e.reason,
             }
         })?;
+        self.drift.validate().map_err(|(key, value, reason)| ConfigError::Invalid { key, value, reason })?;
+        if self.drift.source == "clickhouse" {
+            return Err(ConfigError::invalid(
+                "drift.source",
+                "\"clickhouse\"",
+                "not in this build; the in-memory source (memory) runs in every sidecar".to_owned(),
+            ));
+        }
         let clickhouse = self.clickhouse.validate().map_err(|e| ConfigError::Invalid {
             key: format!("clickhouse.{}", e.key),
             value: e.value.clone(),

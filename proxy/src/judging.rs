@@ -118,3 +118,36 @@ pub fn otlp_observer(tx: llmtap_ingest::export::otlp::EvaluationSender) -> Box<d
     }
     Box::new(Otlp(tx))
 }
+
+/// `llmtap_drift_active`: 1 for each (signal, key) whose drift is firing.
+pub struct DriftGauge(GaugeVec);
+
+impl DriftGauge {
+    pub fn register(metrics: &LlmMetrics) -> prom::Result<Box<dyn llmtap_scorer::drift::runner::DriftObserver>> {
+        let g = GaugeVec::new(
+            Opts::new(
+                "llmtap_drift_active",
+                "1 while a drift is firing, by signal, key, control surface and severity.",
+            ),
+            &["signal", "app", "route", "model", "judge", "control_surface", "severity"],
+        )?;
+        metrics.registry().register(Box::new(g.clone()))?;
+        Ok(Box::new(DriftGauge(g)))
+    }
+}
+
+impl llmtap_scorer::drift::runner::DriftObserver for DriftGauge {
+    fn changed(
+        &mut self,
+        _event: &llmtap_ingest::record::DriftEventRecord,
+        active: &[llmtap_scorer::drift::engine::Active],
+    ) {
+        self.0.reset();
+        for a in active {
+            let k = &a.key;
+            self.0
+                .with_label_values(&[a.signal, &k.app, &k.route, &k.model, &k.judge, a.surface.as_str(), a.severity])
+                .set(1.0);
+        }
+    }
+}

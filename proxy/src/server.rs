@@ -53,6 +53,28 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         }
         None => None,
     };
+    let drift = if cfg.raw.drift.enabled {
+        let client = if cfg.raw.drift.webhooks.is_empty() {
+            None
+        } else {
+            Some(build_client(&cfg.raw.client, cfg.connect_timeout)?)
+        };
+        let gauge = crate::judging::DriftGauge::register(&metrics).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+        let (sender, handle) = llmtap_scorer::drift::runner::spawn_drift(
+            &cfg.raw.data_dir,
+            cfg.raw.log.clone(),
+            cfg.raw.drift.clone(),
+            client,
+            vec![gauge],
+        )
+        .map_err(|e| {
+            anyhow::anyhow!("data_dir = {:?}: cannot open the drift log: {e}", cfg.raw.data_dir.display().to_string())
+        })?;
+        observers.push(Box::new(sender.clone()));
+        Some((sender, handle))
+    } else {
+        None
+    };
     let mut tracker = llmtap_scorer::agreement::AgreementTracker::new(10_000);
     if let Err(e) = tracker.load(&cfg.raw.data_dir) {
         tracing::warn!(error = %e, "cannot read earlier verdicts and feedback for the agreement metric");
@@ -63,6 +85,9 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         None
     } else {
         let mut verdict_observers = vec![judging.observer()];
+        if let Some((sender, _)) = &drift {
+            verdict_observers.push(Box::new(sender.clone()));
+        }
         if let Some(e) = evaluations.take() {
             verdict_observers.push(crate::judging::otlp_observer(e));
         }
@@ -143,9 +168,10 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         shipper: shipper.as_ref().map(|s| s.stats.clone()),
         max_disk_bytes: cfg.raw.log.max_disk_bytes,
         judging: judging.clone(),
+        drift: std::sync::Mutex::new(drift.as_ref().map(|(s, _)| s.clone())),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, stop_rx.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), stop_rx.clone()));
 
     tracing::info!(%proxy_addr, %admin_addr, data_dir = %cfg.raw.data_dir.display(), routes = ?cfg.routes.describe_prefixes(), "llmtap serving");
     // One line on stdout for scripts that start llmtap on port 0.
@@ -189,6 +215,10 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     }
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
+    // The drift thread ends when its last sender is gone; the admin API's goes now.
+    if let Ok(mut d) = admin_state.drift.lock() {
+        d.take();
+    }
     // Admin connections are gone; the last feedback handle writes what is queued.
     if let Ok(fb) = Arc::try_unwrap(feedback) {
         tokio::task::spawn_blocking(move || fb.shutdown()).await?;
@@ -199,6 +229,10 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     tokio::task::spawn_blocking(move || recorder.shutdown()).await?;
     if let Some(scorer) = scorer {
         tokio::task::spawn_blocking(move || scorer.shutdown()).await?;
+    }
+    if let Some((sender, handle)) = drift {
+        drop(sender);
+        tokio::task::spawn_blocking(move || handle.shutdown()).await?;
     }
     if let Some(otlp) = otlp {
         // The recorder is gone, so the exporter's queue is closed: it sends what it holds.

@@ -4,6 +4,7 @@
 
 pub mod agreement;
 pub mod config;
+pub mod drift;
 pub mod llm;
 pub mod report;
 pub mod rule;

@@ -34,7 +34,7 @@ pub struct JudgeRow {
 /// Labels that count as a human "pass" when feedback has no numeric value.
 const PASS_LABELS: &[&str] = &["pass", "good", "correct", "up", "yes", "true"];
 
-fn human_pass(f: &FeedbackRecord) -> bool {
+pub fn human_pass(f: &FeedbackRecord) -> bool {
     if f.label.is_empty() {
         f.value > 0.0
     } else {

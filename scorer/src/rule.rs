@@ -64,7 +64,7 @@ pub struct RuleSpec {
     pub pii: Option<DefaultOrList>,
 }
 
-const REFUSALS: &[&str] = &[
+pub const REFUSALS: &[&str] = &[
     "i can't help with",
     "i cannot help with",
     "i can't assist with",

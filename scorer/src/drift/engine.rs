@@ -1,0 +1,568 @@
+//! The drift engine: turns calls, verdicts and feedback into observations of each signal,
+//! runs a detector per (key, signal), and turns detector transitions into
+//! `llm_drift_events` records.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use llmtap_ingest::record::{DriftEventRecord, ErrorKind, FeedbackRecord, ScoreRecord, Timestamp, TraceRecord};
+use serde::{Deserialize, Serialize};
+
+use super::detect::{BadDirection, Detector, DetectorConfig, Obs, Severity, SignalKind, Transition};
+
+/// What the engine consumes.
+#[derive(Clone, Debug)]
+pub enum Input {
+    Call(Box<TraceRecord>),
+    Verdict(Box<ScoreRecord>),
+    Feedback(Box<FeedbackRecord>),
+}
+
+/// Which decision a drift sends the team back to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    /// The model: capability, cost, latency, errors, or the model itself changed.
+    Model,
+    /// The prompt or workflow: quality moved while the model held steady.
+    Prompt,
+    /// The intent and its judges: agreement with humans fell, or reviews rose.
+    IntentJudge,
+}
+
+impl Surface {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Surface::Model => "model",
+            Surface::Prompt => "prompt",
+            Surface::IntentJudge => "intent_judge",
+        }
+    }
+}
+
+/// One watched signal.
+#[derive(Clone, Copy, Debug)]
+pub struct Signal {
+    pub name: &'static str,
+    pub kind: SignalKind,
+    pub bad: BadDirection,
+    /// The surface of this signal alone (quality signals are refined at fire time).
+    pub surface: Surface,
+    /// A quality signal: `prompt` unless a `model` signal fires for the same app.
+    pub quality: bool,
+}
+
+const fn sig(name: &'static str, kind: SignalKind, bad: BadDirection, surface: Surface, quality: bool) -> Signal {
+    Signal { name, kind, bad, surface, quality }
+}
+
+use BadDirection::{Both, Down, Up};
+use SignalKind::{Categorical, Numeric, Rate};
+
+/// Every signal, in the order they are observed.
+pub const SIGNALS: &[Signal] = &[
+    sig("error_rate", Rate, Up, Surface::Model, false),
+    sig("latency_ms", Numeric, Up, Surface::Model, false),
+    sig("ttft_ms", Numeric, Up, Surface::Model, false),
+    sig("cost_per_call", Numeric, Up, Surface::Model, false),
+    sig("input_tokens", Numeric, Both, Surface::Model, false),
+    sig("output_tokens", Numeric, Both, Surface::Model, false),
+    sig("finish_reason_mix", Categorical, Both, Surface::Model, false),
+    sig("refusal_rate", Rate, Up, Surface::Model, false),
+    sig("model_mix", Categorical, Both, Surface::Model, false),
+    sig("tool_call_rate", Rate, Both, Surface::Prompt, true),
+    sig("tool_path_mix", Categorical, Both, Surface::Prompt, true),
+    sig("judge_pass_rate", Rate, Down, Surface::Prompt, true),
+    sig("judge_score", Numeric, Down, Surface::Prompt, true),
+    sig("needs_review_rate", Rate, Up, Surface::IntentJudge, false),
+    sig("judge_human_agreement", Rate, Down, Surface::IntentJudge, false),
+];
+
+fn signal(name: &str) -> Option<(usize, &'static Signal)> {
+    SIGNALS.iter().enumerate().find(|(_, s)| s.name == name)
+}
+
+/// `[drift.signals.<name>]`: overrides of one signal's detector.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignalOverride {
+    pub enabled: Option<bool>,
+    pub min_baseline: Option<usize>,
+    pub baseline_max: Option<usize>,
+    pub current_window: Option<usize>,
+    pub rebaseline_after: Option<usize>,
+    /// The sequential detector's threshold (CUSUM `h`).
+    pub cusum_h: Option<f64>,
+    /// Rates: |z| that fires the windowed z-test.
+    pub z_fire: Option<f64>,
+    /// Numeric: PSI that fires.
+    pub psi_fire: Option<f64>,
+    /// Categorical: Jensen–Shannon distance that fires.
+    pub js_fire: Option<f64>,
+    /// Baseline observations older than this are dropped (a sliding window in time, e.g.
+    /// 7 days); unset: bounded by count only.
+    pub baseline_max_age_secs: Option<u64>,
+}
+
+/// `[drift]` in `llmtap.toml`. With no section at all every signal is watched with the
+/// defaults the `drift_quality` bench measures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriftConfig {
+    pub enabled: bool,
+    /// `memory` (the live record stream of this process) or `clickhouse` (the fleet).
+    pub source: String,
+    /// Most (key, signal) detectors; later keys are not watched (counted).
+    pub max_detectors: usize,
+    /// Queue from the recorder and scorer; when full, inputs are dropped and counted.
+    pub queue_capacity: usize,
+    /// Per-signal overrides, by signal name.
+    pub signals: BTreeMap<String, SignalOverride>,
+    /// Where alerts go.
+    pub webhooks: Vec<crate::drift::alert::WebhookConfig>,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        DriftConfig {
+            enabled: true,
+            source: "memory".into(),
+            max_detectors: 20_000,
+            queue_capacity: 65_536,
+            signals: BTreeMap::new(),
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+impl DriftConfig {
+    /// Checks names and values; `Err((key, value, reason))`.
+    pub fn validate(&self) -> Result<(), (String, String, String)> {
+        if self.source != "memory" && self.source != "clickhouse" {
+            return Err(("drift.source".into(), format!("{:?}", self.source), "expected memory or clickhouse".into()));
+        }
+        for (name, o) in &self.signals {
+            if signal(name).is_none() {
+                let known: Vec<&str> = SIGNALS.iter().map(|s| s.name).collect();
+                return Err((
+                    format!("drift.signals.{name}"),
+                    format!("{name:?}"),
+                    format!("unknown signal; known: {}", known.join(", ")),
+                ));
+            }
+            for (k, v) in [("min_baseline", o.min_baseline), ("current_window", o.current_window)] {
+                if v == Some(0) {
+                    return Err((format!("drift.signals.{name}.{k}"), "0".into(), "must be above 0".into()));
+                }
+            }
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.validate().map_err(|(k, v, r)| (format!("drift.webhooks[{i}].{k}"), v, r))?;
+        }
+        Ok(())
+    }
+
+    fn detector_config(&self, s: &Signal) -> Option<DetectorConfig> {
+        let o = self.signals.get(s.name).cloned().unwrap_or_default();
+        if o.enabled == Some(false) {
+            return None;
+        }
+        let mut c = DetectorConfig::with_direction(s.kind, s.bad);
+        if let Some(v) = o.min_baseline {
+            c.min_baseline = v;
+        }
+        if let Some(v) = o.baseline_max {
+            c.baseline_max = v;
+        }
+        if let Some(v) = o.current_window {
+            c.current_window = v;
+        }
+        if let Some(v) = o.rebaseline_after {
+            c.rebaseline_after = v;
+        }
+        if o.cusum_h.is_some() {
+            c.cusum_h = o.cusum_h;
+        }
+        if o.z_fire.is_some() {
+            c.z_fire = o.z_fire;
+        }
+        if o.psi_fire.is_some() {
+            c.psi_fire = o.psi_fire;
+        }
+        if o.js_fire.is_some() {
+            c.js_fire = o.js_fire;
+        }
+        c.baseline_max_age_ms = o.baseline_max_age_secs.map(|s| s * 1000);
+        Some(c)
+    }
+}
+
+/// (app, route, model, judge); `*` for "across".
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub app: String,
+    pub route: String,
+    pub model: String,
+    pub judge: String,
+}
+
+/// A detector that is firing, for the control-surface rule and the gauge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Active {
+    pub key: Key,
+    pub signal: &'static str,
+    pub surface: Surface,
+    pub severity: &'static str,
+}
+
+/// Counters of the engine.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EngineStats {
+    pub observations: u64,
+    pub detectors: u64,
+    /// Observations of keys beyond `max_detectors`.
+    pub untracked: u64,
+    pub events: u64,
+}
+
+/// Every detector and what is firing.
+pub struct DriftEngine {
+    cfg: DriftConfig,
+    configs: Vec<Option<DetectorConfig>>,
+    detectors: HashMap<(Key, usize), Detector>,
+    active: BTreeMap<(Key, &'static str), Active>,
+    /// Recent verdicts by trace, to pair with feedback (judge–human agreement).
+    recent: HashMap<String, Vec<(String, Key, bool)>>,
+    recent_order: VecDeque<String>,
+    pub stats: EngineStats,
+}
+
+fn model_of(r: &TraceRecord) -> &str {
+    if r.response_model.is_empty() {
+        &r.request_model
+    } else {
+        &r.response_model
+    }
+}
+
+fn refused(text: &str) -> bool {
+    let lower = text.to_lowercase();
+    crate::rule::REFUSALS.iter().any(|p| lower.contains(p))
+}
+
+fn human_pass(f: &FeedbackRecord) -> bool {
+    crate::report::human_pass(f)
+}
+
+impl DriftEngine {
+    pub fn new(cfg: DriftConfig) -> Self {
+        let configs = SIGNALS.iter().map(|s| cfg.detector_config(s)).collect();
+        DriftEngine {
+            cfg,
+            configs,
+            detectors: HashMap::new(),
+            active: BTreeMap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// What is firing now.
+    pub fn active(&self) -> Vec<Active> {
+        self.active.values().cloned().collect()
+    }
+
+    /// Feeds one input; returns the events it caused.
+    pub fn observe(&mut self, input: &Input) -> Vec<DriftEventRecord> {
+        let mut out = Vec::new();
+        match input {
+            Input::Call(r) => {
+                if r.tags.contains_key(crate::llm::JUDGE_TAG) {
+                    return out;
+                }
+                let model = model_of(r).to_owned();
+                let keys = [
+                    Key { app: r.app.clone(), route: r.route.clone(), model: model.clone(), judge: String::new() },
+                    Key { app: r.app.clone(), route: "*".into(), model: "*".into(), judge: String::new() },
+                ];
+                let failed = r.error_kind != ErrorKind::None;
+                let path = if r.tool_calls.is_empty() { "(none)".to_owned() } else { r.tool_calls.join(">") };
+                for key in &keys {
+                    self.feed(key, "error_rate", Obs::Flag(failed), &mut out);
+                    if failed {
+                        continue;
+                    }
+                    self.feed(key, "latency_ms", Obs::Value(r.duration_ms), &mut out);
+                    if r.streamed && r.ttft_ms > 0.0 {
+                        self.feed(key, "ttft_ms", Obs::Value(r.ttft_ms), &mut out);
+                    }
+                    self.feed(key, "cost_per_call", Obs::Value(r.cost_usd), &mut out);
+                    self.feed(key, "input_tokens", Obs::Value(r.input_tokens as f64), &mut out);
+                    self.feed(key, "output_tokens", Obs::Value(r.output_tokens as f64), &mut out);
+                    if !r.finish_reason.is_empty() {
+                        self.feed(key, "finish_reason_mix", Obs::Category(&r.finish_reason), &mut out);
+                    }
+                    if !r.output_text.is_empty() {
+                        self.feed(key, "refusal_rate", Obs::Flag(refused(&r.output_text)), &mut out);
+                    }
+                    self.feed(key, "tool_call_rate", Obs::Flag(!r.tool_calls.is_empty()), &mut out);
+                    self.feed(key, "tool_path_mix", Obs::Category(&path), &mut out);
+                }
+                if !model.is_empty() {
+                    self.feed(&keys[1], "model_mix", Obs::Category(&model), &mut out);
+                }
+            }
+            Input::Verdict(v) => {
+                if !v.error.is_empty() {
+                    return out;
+                }
+                let keys = [
+                    Key {
+                        app: v.app.clone(),
+                        route: v.route.clone(),
+                        model: v.request_model.clone(),
+                        judge: v.judge.clone(),
+                    },
+                    Key { app: v.app.clone(), route: "*".into(), model: "*".into(), judge: v.judge.clone() },
+                ];
+                for key in &keys {
+                    self.feed(key, "judge_pass_rate", Obs::Flag(v.passed == 1), &mut out);
+                    if v.judge_kind == "llm" {
+                        self.feed(key, "judge_score", Obs::Value(v.score), &mut out);
+                        self.feed(key, "needs_review_rate", Obs::Flag(v.needs_review == 1), &mut out);
+                    }
+                }
+                let entry = self.recent.entry(v.trace_id.clone()).or_default();
+                if entry.is_empty() {
+                    self.recent_order.push_back(v.trace_id.clone());
+                    if self.recent_order.len() > 100_000 {
+                        if let Some(old) = self.recent_order.pop_front() {
+                            self.recent.remove(&old);
+                        }
+                    }
+                }
+                if let Some(e) = self.recent.get_mut(&v.trace_id) {
+                    e.push((v.judge.clone(), keys[1].clone(), v.passed == 1));
+                }
+            }
+            Input::Feedback(f) => {
+                let Some(verdicts) = self.recent.get(&f.trace_id).cloned() else { return out };
+                let human = human_pass(f);
+                for (_, key, passed) in verdicts {
+                    self.feed(&key, "judge_human_agreement", Obs::Flag(passed == human), &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn feed(&mut self, key: &Key, name: &'static str, obs: Obs<'_>, out: &mut Vec<DriftEventRecord>) {
+        let Some((idx, s)) = signal(name) else { return };
+        let Some(cfg) = &self.configs[idx] else { return };
+        self.stats.observations += 1;
+        let id = (key.clone(), idx);
+        if !self.detectors.contains_key(&id) {
+            if self.detectors.len() >= self.cfg.max_detectors {
+                self.stats.untracked += 1;
+                return;
+            }
+            self.detectors.insert(id.clone(), Detector::new(s.kind, cfg.clone()));
+            self.stats.detectors += 1;
+        }
+        let Some(d) = self.detectors.get_mut(&id) else { return };
+        let Some(t) = d.observe(obs) else { return };
+        out.push(self.event(key, s, &t));
+        self.stats.events += 1;
+    }
+
+    /// The control surface of a detector that starts firing, from what else fires for the
+    /// same app.
+    fn surface(&self, key: &Key, s: &Signal) -> Surface {
+        if !s.quality {
+            return s.surface;
+        }
+        let model_moved = self
+            .active
+            .values()
+            .any(|a| a.key.app == key.app && signal(a.signal).is_some_and(|(_, x)| x.surface == Surface::Model));
+        if model_moved {
+            Surface::Model
+        } else {
+            s.surface
+        }
+    }
+
+    fn event(&mut self, key: &Key, s: &'static Signal, t: &Transition) -> DriftEventRecord {
+        let akey = (key.clone(), s.name);
+        let severity = match t.severity {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        };
+        let surface = if t.firing {
+            let surface = self.surface(key, s);
+            self.active.insert(akey, Active { key: key.clone(), signal: s.name, surface, severity });
+            surface
+        } else {
+            self.active.remove(&akey).map_or(s.surface, |a| a.surface)
+        };
+        DriftEventRecord {
+            ts: Timestamp::now(),
+            signal: s.name.to_owned(),
+            app: key.app.clone(),
+            route: key.route.clone(),
+            model: key.model.clone(),
+            judge: key.judge.clone(),
+            method: t.method.to_owned(),
+            statistic: finite(t.statistic),
+            threshold: finite(t.threshold),
+            baseline_n: t.baseline_n,
+            current_n: t.current_n,
+            baseline_value: finite(t.baseline_value),
+            current_value: finite(t.current_value),
+            severity: severity.to_owned(),
+            state: if t.firing { "firing" } else { "resolved" }.to_owned(),
+            control_surface: surface.as_str().to_owned(),
+        }
+    }
+}
+
+fn finite(x: f64) -> f64 {
+    if x.is_finite() {
+        x
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: u64) -> impl FnMut() -> f64 {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    fn call(app: &str, model: &str, cost: f64, latency: f64) -> Input {
+        Input::Call(Box::new(TraceRecord {
+            app: app.into(),
+            route: "openai".into(),
+            request_model: model.into(),
+            response_model: model.into(),
+            cost_usd: cost,
+            duration_ms: latency,
+            input_tokens: 100,
+            output_tokens: 50,
+            finish_reason: "stop".into(),
+            output_text: "ok".into(),
+            ..TraceRecord::default()
+        }))
+    }
+
+    fn verdict(app: &str, model: &str, passed: bool, trace: &str) -> Input {
+        Input::Verdict(Box::new(ScoreRecord {
+            trace_id: trace.into(),
+            judge: "cites_plan".into(),
+            judge_kind: "rule".into(),
+            app: app.into(),
+            route: "openai".into(),
+            request_model: model.into(),
+            passed: u8::from(passed),
+            score: f64::from(u8::from(passed)),
+            ..ScoreRecord::default()
+        }))
+    }
+
+    fn firing(events: &[DriftEventRecord]) -> Vec<(String, String, String)> {
+        events
+            .iter()
+            .filter(|e| e.state == "firing")
+            .map(|e| (e.signal.clone(), e.model.clone(), e.control_surface.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn quality_drop_with_steady_model_points_at_the_prompt() {
+        let mut e = DriftEngine::new(DriftConfig::default());
+        let mut r = rng(7);
+        let mut events = Vec::new();
+        for i in 0..4000 {
+            let lat = 800.0 * (1.0 + 0.2 * (r() - 0.5));
+            events.extend(e.observe(&call("bot", "gpt-4o", 0.001, lat)));
+            let p = if i < 2000 { 0.9 } else { 0.75 };
+            events.extend(e.observe(&verdict("bot", "gpt-4o", r() < p, &format!("t{i}"))));
+        }
+        let f = firing(&events);
+        assert!(!f.is_empty());
+        assert!(f.iter().all(|(s, _, c)| s == "judge_pass_rate" && c == "prompt"), "{f:?}");
+    }
+
+    #[test]
+    fn cost_jump_with_steady_quality_points_at_the_model() {
+        let mut e = DriftEngine::new(DriftConfig::default());
+        let mut r = rng(11);
+        let mut events = Vec::new();
+        for i in 0..4000 {
+            let cost = if i < 2000 { 0.001 } else { 0.003 } * (1.0 + 0.1 * (r() - 0.5));
+            events.extend(e.observe(&call("bot", "gpt-4o", cost, 800.0 * (1.0 + 0.2 * (r() - 0.5)))));
+            events.extend(e.observe(&verdict("bot", "gpt-4o", r() < 0.9, &format!("t{i}"))));
+        }
+        let f = firing(&events);
+        assert!(f.iter().any(|(s, _, c)| s == "cost_per_call" && c == "model"), "{f:?}");
+        assert!(f.iter().all(|(s, _, c)| c == "model" && s != "judge_pass_rate"), "{f:?}");
+    }
+
+    #[test]
+    fn quality_drop_with_a_model_switch_points_at_the_model() {
+        let mut e = DriftEngine::new(DriftConfig::default());
+        let mut r = rng(3);
+        let mut events = Vec::new();
+        for i in 0..4000 {
+            let (model, p) = if i < 2000 { ("gpt-4o", 0.9) } else { ("gpt-4o-mini", 0.7) };
+            events.extend(e.observe(&call("bot", model, 0.001, 800.0)));
+            events.extend(e.observe(&verdict("bot", model, r() < p, &format!("t{i}"))));
+        }
+        let f = firing(&events);
+        assert!(f.iter().any(|(s, _, c)| s == "model_mix" && c == "model"), "{f:?}");
+        let quality: Vec<_> = f.iter().filter(|(s, m, _)| s == "judge_pass_rate" && m == "*").collect();
+        assert!(!quality.is_empty() && quality.iter().all(|(_, _, c)| c == "model"), "{f:?}");
+    }
+
+    #[test]
+    fn falling_agreement_points_at_the_intent_and_judge() {
+        let mut e = DriftEngine::new(DriftConfig::default());
+        let mut r = rng(5);
+        let mut events = Vec::new();
+        for i in 0..4000 {
+            let t = format!("t{i}");
+            let passed = r() < 0.9;
+            events.extend(e.observe(&verdict("bot", "gpt-4o", passed, &t)));
+            // Humans agree 95% of the time, then 70%.
+            let agree = r() < if i < 2000 { 0.95 } else { 0.7 };
+            let human = if agree { passed } else { !passed };
+            events.extend(e.observe(&Input::Feedback(Box::new(FeedbackRecord {
+                trace_id: t,
+                name: "thumbs".into(),
+                value: if human { 1.0 } else { 0.0 },
+                ..FeedbackRecord::default()
+            }))));
+        }
+        let f = firing(&events);
+        assert!(f.iter().any(|(s, _, c)| s == "judge_human_agreement" && c == "intent_judge"), "{f:?}");
+        assert!(f.iter().all(|(s, _, _)| s == "judge_human_agreement"), "{f:?}");
+    }
+
+    #[test]
+    fn bad_signal_names_are_config_errors() {
+        let mut cfg = DriftConfig::default();
+        cfg.signals.insert("vibes".into(), SignalOverride::default());
+        let (k, _, r) = cfg.validate().unwrap_err();
+        assert_eq!(k, "drift.signals.vibes");
+        assert!(r.starts_with("unknown signal; known: error_rate, latency_ms"), "{r}");
+    }
+}
