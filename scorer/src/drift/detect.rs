@@ -141,14 +141,7 @@ pub struct DetectorConfig {
     /// Rates: the CUSUM is tuned to detect the odds of the bad outcome growing by this
     /// factor (1.6 turns a 10% failure rate into 15.1%).
     pub rate_odds_ratio: f64,
-    /// Rates: a second CUSUM tuned for a large jump of the bad outcome's odds (e.g. ×4),
-    /// with threshold `rate_fast_h`; `None` disables it. One CUSUM cannot be quick on both
-    /// a 10% → 15% failure rate and a 0.1% → 1% error rate: tuned for the first, each
-    /// error adds only `ln 1.6` of evidence, so the second would take thousands of calls.
-    pub rate_fast_odds_ratio: Option<f64>,
-    /// Rates: decision threshold of the fast CUSUM.
-    pub rate_fast_h: f64,
-    /// Rates: the baseline bad-outcome rate used by the CUSUMs is the estimate plus this
+    /// Rates: the baseline bad-outcome rate used by the CUSUM is the estimate plus this
     /// many standard errors, a conservative reference against estimation noise in a young
     /// baseline. Defaults to 0: the bench's threshold sweep (whose baselines are learned
     /// online, noise included) shows that raising `cusum_h` buys the same false-alarm
@@ -162,11 +155,8 @@ pub struct DetectorConfig {
     /// Numeric: CUSUM reference value `k` in standard deviations (half the shift the
     /// CUSUM is tuned for; 0.25 targets a 0.5 sd shift of the normal scores).
     pub numeric_k: f64,
-    /// Rates: fire when the windowed z in the bad direction reaches this; `None` leaves
-    /// the test to resolution only. The windowed z is the smaller of the pooled
-    /// two-proportion z and the z-equivalent of the exact conditional binomial test
-    /// ([`stats::two_proportion_upper_p`]), so rare events cannot fire on the normal
-    /// approximation's optimism.
+    /// Rates: fire when the windowed z-test's |z| in the bad direction reaches this;
+    /// `None` leaves the z-test to resolution only.
     pub z_fire: Option<f64>,
     /// Rates: calm while the windowed z in the bad direction is below this.
     pub z_resolve: f64,
@@ -235,8 +225,6 @@ impl DetectorConfig {
             rebaseline_after: 5_000,
             cusum_h: None,
             rate_odds_ratio: 1.6,
-            rate_fast_odds_ratio: None,
-            rate_fast_h: 9.0,
             rate_margin_se: 0.0,
             numeric_k: 0.25,
             hold_z: 2.0,
@@ -258,7 +246,6 @@ impl DetectorConfig {
         match kind {
             SignalKind::Rate => {
                 cfg.cusum_h = Some(9.0);
-                cfg.rate_fast_odds_ratio = Some(4.0);
                 cfg.z_fire = Some(4.5);
             }
             SignalKind::Numeric => {
@@ -288,21 +275,19 @@ pub struct Transition {
     /// What decided: `"cusum"`, `"z_test"`, `"psi"`, `"ks"`, `"js"`, or `"rebaseline"`
     /// when a long episode ended by accepting the new level.
     pub method: &'static str,
-    /// The deciding statistic: CUSUM sum, windowed z in the bad direction (see
-    /// `DetectorConfig::z_fire`), PSI, KS `D`, JS distance; for resolutions the resolution
-    /// test's statistic.
+    /// The deciding statistic: CUSUM sum, |z| in the bad direction, PSI, KS `D`, JS
+    /// distance; for resolutions the resolution test's statistic.
     pub statistic: f64,
     /// The threshold it crossed (the fire threshold, the resolve threshold, or for KS the
     /// critical `D` of `ks_fire_p` at the current sample sizes).
     pub threshold: f64,
     /// Observations in the baseline.
     pub baseline_n: u64,
-    /// Observations behind `current_value`: the current window, or for a CUSUM alarm the
-    /// segment it attributes to the shift (see [`Severity`]).
+    /// Observations in the current window.
     pub current_n: u64,
     /// Baseline share of `true` / median / share of the most-moved category.
     pub baseline_value: f64,
-    /// The counterpart of `baseline_value` over the `current_n` observations.
+    /// Current-window counterpart of `baseline_value`.
     pub current_value: f64,
     /// Effect-size class of the shift at the time of the transition.
     pub severity: Severity,
@@ -321,16 +306,13 @@ pub struct WindowSnapshot {
     pub current_n: u64,
     /// As in [`Transition::baseline_value`] (NaN with no data).
     pub baseline_value: f64,
-    /// As in [`Transition::current_value`], over the whole current window (NaN with no
-    /// data).
+    /// As in [`Transition::current_value`] (NaN with no data).
     pub current_value: f64,
-    /// Observations held back from the baseline (admission hold or open episode).
-    pub held_n: u64,
     /// Whether an episode is open.
     pub firing: bool,
     /// Whether the detector has enough data to fire.
     pub armed: bool,
-    /// Largest sum of the primary CUSUM's watched sides (0 when disabled or firing).
+    /// Largest CUSUM sum of the watched sides (0 when disabled or firing).
     pub cusum: f64,
     /// Categorical: the category behind the values.
     pub category: Option<String>,
@@ -353,8 +335,6 @@ struct WindowEval {
     calm: bool,
     /// Whether observations leaving the window should be held back from the baseline.
     suspicious: bool,
-    /// Observations behind `current_value`.
-    current_n: u64,
     /// Name, statistic and resolve threshold of the resolution test.
     resolve: (&'static str, f64, f64),
     severity: Severity,
@@ -371,40 +351,6 @@ struct Episode {
     age: usize,
     /// Observation count at the first check of the current calm streak.
     calm_since: Option<u64>,
-}
-
-/// Two-sided CUSUM state.
-#[derive(Debug, Clone, Copy, Default)]
-struct Cusum {
-    /// Sums for "went up" and "went down".
-    up: f64,
-    down: f64,
-    /// Observations since each sum was last zero (the change-point estimate).
-    run_up: usize,
-    run_down: usize,
-}
-
-impl Cusum {
-    /// Adds one observation's increments to the watched sides.
-    fn step(&mut self, inc_up: Option<f64>, inc_down: Option<f64>) {
-        if let Some(inc) = inc_up {
-            self.up = stats::cusum_update(self.up, inc);
-            self.run_up = if self.up > 0.0 { self.run_up + 1 } else { 0 };
-        }
-        if let Some(inc) = inc_down {
-            self.down = stats::cusum_update(self.down, inc);
-            self.run_down = if self.down > 0.0 { self.run_down + 1 } else { 0 };
-        }
-    }
-
-    /// The larger side as `(sum, direction, run length)`.
-    fn top(&self) -> (f64, i8, usize) {
-        if self.up >= self.down {
-            (self.up, 1, self.run_up)
-        } else {
-            (self.down, -1, self.run_down)
-        }
-    }
 }
 
 /// Label for the shared overflow slot of categorical detectors.
@@ -434,8 +380,12 @@ pub struct Detector {
     ids: HashMap<String, usize>,
     base_counts: Vec<u64>,
     cur_counts: Vec<u64>,
-    /// The primary CUSUM and (rates) the fast one.
-    cusums: [Cusum; 2],
+    /// CUSUM sums for "went up" and "went down".
+    cusum_up: f64,
+    cusum_down: f64,
+    /// Observations since each CUSUM sum was last zero (the change-point estimate).
+    run_up: usize,
+    run_down: usize,
     episode: Option<Episode>,
     seen: u64,
     since_check: usize,
@@ -468,7 +418,10 @@ impl Detector {
             ids: HashMap::new(),
             base_counts: Vec::new(),
             cur_counts: Vec::new(),
-            cusums: [Cusum::default(); 2],
+            cusum_up: 0.0,
+            cusum_down: 0.0,
+            run_up: 0,
+            run_down: 0,
             episode: None,
             seen: 0,
             since_check: 0,
@@ -558,13 +511,16 @@ impl Detector {
     /// Window sizes and the watched values, for reporting.
     pub fn snapshot(&self) -> WindowSnapshot {
         let (baseline_value, current_value, category) = self.values();
-        let cusum = self.cusums[0].top().0;
+        let cusum = match self.cfg.bad_direction {
+            BadDirection::Up => self.cusum_up,
+            BadDirection::Down => self.cusum_down,
+            BadDirection::Both => self.cusum_up.max(self.cusum_down),
+        };
         WindowSnapshot {
             baseline_n: self.baseline.len() as u64,
             current_n: self.current.len() as u64,
             baseline_value,
             current_value,
-            held_n: self.held.len() as u64,
             firing: self.is_firing(),
             armed: self.armed(),
             cusum,
@@ -716,53 +672,49 @@ impl Detector {
         matches!(self.cfg.bad_direction, BadDirection::Down | BadDirection::Both)
     }
 
-    /// The enabled CUSUMs as `(index, threshold, odds ratio)`; the odds ratio only
-    /// matters for rates.
-    fn enabled_cusums(&self) -> [Option<(usize, f64, f64)>; 2] {
-        let primary = self.cfg.cusum_h.map(|h| (0, h, self.cfg.rate_odds_ratio));
-        let fast = match self.kind {
-            SignalKind::Rate => self.cfg.rate_fast_odds_ratio.map(|or| (1, self.cfg.rate_fast_h, or)),
-            _ => None,
-        };
-        [primary, fast]
-    }
-
     /// One CUSUM step for the new observation `v` against the (armed) baseline.
     fn sequential_step(&mut self, v: f64) -> Option<Transition> {
-        if self.kind == SignalKind::Categorical {
+        let h = self.cfg.cusum_h?;
+        match self.kind {
+            SignalKind::Rate => {
+                let n = self.baseline.len() as f64;
+                let hit = v > 0.5;
+                if self.watches_up() {
+                    // Bad outcome = `true` flag.
+                    let inc = self.rate_increment(self.base_hits as f64, n, hit);
+                    self.cusum_up = stats::cusum_update(self.cusum_up, inc);
+                }
+                if self.watches_down() {
+                    // Bad outcome = `false` flag.
+                    let inc = self.rate_increment(n - self.base_hits as f64, n, !hit);
+                    self.cusum_down = stats::cusum_update(self.cusum_down, inc);
+                }
+            }
+            SignalKind::Numeric => {
+                let z = stats::normal_score(&self.base_sorted, v);
+                let k = self.cfg.numeric_k;
+                if self.watches_up() {
+                    self.cusum_up = stats::cusum_update(self.cusum_up, z - k);
+                }
+                if self.watches_down() {
+                    self.cusum_down = stats::cusum_update(self.cusum_down, -z - k);
+                }
+            }
+            SignalKind::Categorical => return None,
+        }
+        self.run_up = if self.cusum_up > 0.0 { self.run_up + 1 } else { 0 };
+        self.run_down = if self.cusum_down > 0.0 { self.run_down + 1 } else { 0 };
+        let (sum, dir, run) = if self.cusum_up >= self.cusum_down {
+            (self.cusum_up, 1, self.run_up)
+        } else {
+            (self.cusum_down, -1, self.run_down)
+        };
+        if sum < h {
             return None;
         }
-        let (up, down) = (self.watches_up(), self.watches_down());
-        let mut crossed = None;
-        for (i, h, odds_ratio) in self.enabled_cusums().into_iter().flatten() {
-            let (inc_up, inc_down) = match self.kind {
-                SignalKind::Rate => {
-                    let n = self.baseline.len() as f64;
-                    let hit = v > 0.5;
-                    // Up: the bad outcome is a `true` flag; down: a `false` flag.
-                    (
-                        up.then(|| self.rate_increment(self.base_hits as f64, n, hit, odds_ratio)),
-                        down.then(|| self.rate_increment(n - self.base_hits as f64, n, !hit, odds_ratio)),
-                    )
-                }
-                _ => {
-                    let z = stats::normal_score(&self.base_sorted, v);
-                    let k = self.cfg.numeric_k;
-                    (up.then_some(z - k), down.then_some(-z - k))
-                }
-            };
-            self.cusums[i].step(inc_up, inc_down);
-            let (sum, dir, run) = self.cusums[i].top();
-            if crossed.is_none() && sum >= h {
-                crossed = Some((sum, h, dir, run));
-            }
-        }
-        let (sum, h, dir, run) = crossed?;
         let mut eval = self.evaluate(false);
-        let segment = self.change_segment(run, dir);
-        let (current_value, severity) = self.segment_summary(segment);
+        let (current_value, severity) = self.segment_summary(self.change_segment(run, dir));
         eval.current_value = current_value;
-        eval.current_n = segment as u64;
         eval.severity = severity;
         Some(self.open_episode("cusum", sum, h, &eval, dir))
     }
@@ -771,10 +723,10 @@ impl Detector {
     /// `bad_count` times in `n` baseline observations. The baseline rate is smoothed
     /// (`(x + 1/2)/(n + 1)`, so an error-free baseline still gives a usable rate) and
     /// raised by `rate_margin_se` standard errors to absorb estimation noise.
-    fn rate_increment(&self, bad_count: f64, n: f64, bad: bool, odds_ratio: f64) -> f64 {
+    fn rate_increment(&self, bad_count: f64, n: f64, bad: bool) -> f64 {
         let q_hat = (bad_count + 0.5) / (n + 1.0);
         let q0 = (q_hat + self.cfg.rate_margin_se * (q_hat * (1.0 - q_hat) / n).sqrt()).clamp(1e-9, 1.0 - 1e-6);
-        let q1 = stats::shift_odds(q0, odds_ratio);
+        let q1 = stats::shift_odds(q0, self.cfg.rate_odds_ratio);
         let (llr_bad, llr_good) = stats::bernoulli_llr(q0, q1);
         if bad {
             llr_bad
@@ -894,8 +846,7 @@ impl Detector {
                 let dir = eval.direction;
                 return Some(self.open_episode(method, stat, threshold, &eval, dir));
             }
-            let cusum_high =
-                self.enabled_cusums().into_iter().flatten().any(|(i, h, _)| self.cusums[i].top().0 >= 0.5 * h);
+            let cusum_high = self.cfg.cusum_h.is_some_and(|h| self.cusum_up.max(self.cusum_down) >= 0.5 * h);
             self.suspicious = eval.suspicious || cusum_high;
             if !self.suspicious {
                 self.release_held();
@@ -943,18 +894,10 @@ impl Detector {
     fn evaluate_rate(&self) -> WindowEval {
         let (nb, nc) = (self.baseline.len() as u64, self.current.len() as u64);
         let z = stats::two_proportion_z(self.base_hits, nb, self.cur_hits, nc).z;
-        // Evidence that the rate went up / down: the pooled z, capped by the z-equivalent of
-        // the exact conditional test (they agree when counts are large).
-        let exact_z = |p: f64| -stats::normal_quantile(p);
-        let z_up = || z.min(exact_z(stats::two_proportion_upper_p(self.base_hits, nb, self.cur_hits, nc)));
-        let z_down = || {
-            let (base_misses, cur_misses) = (nb - self.base_hits.min(nb), nc - self.cur_hits.min(nc));
-            (-z).min(exact_z(stats::two_proportion_upper_p(base_misses, nb, cur_misses, nc)))
-        };
         let bad_z = match self.cfg.bad_direction {
-            BadDirection::Up => z_up(),
-            BadDirection::Down => z_down(),
-            BadDirection::Both => z_up().max(z_down()),
+            BadDirection::Up => z,
+            BadDirection::Down => -z,
+            BadDirection::Both => z.abs(),
         };
         let fire = self.cfg.z_fire.filter(|&t| bad_z >= t).map(|t| ("z_test", bad_z, t));
         let severity = self.rate_severity(self.cur_hits, nc);
@@ -964,7 +907,6 @@ impl Detector {
             fire,
             calm: bad_z < self.cfg.z_resolve,
             suspicious: bad_z >= self.cfg.hold_z,
-            current_n: self.current.len() as u64,
             resolve: ("z_test", bad_z, self.cfg.z_resolve),
             severity,
             direction: sign(cur_rate - base_rate),
@@ -1007,7 +949,6 @@ impl Detector {
             fire,
             calm: psi < self.cfg.psi_resolve || (!bad && self.cfg.bad_direction != BadDirection::Both),
             suspicious: bad_score_z >= self.cfg.hold_z,
-            current_n: self.current.len() as u64,
             resolve: ("psi", psi, self.cfg.psi_resolve),
             severity,
             direction,
@@ -1027,7 +968,6 @@ impl Detector {
             fire,
             calm: js < self.cfg.js_resolve || chi.p_value > self.cfg.chi2_resolve_p,
             suspicious: chi.p_value <= 2.0 * stats::normal_sf(self.cfg.hold_z),
-            current_n: self.current.len() as u64,
             resolve: ("js", js, self.cfg.js_resolve),
             severity,
             direction: sign(cur_share - base_share),
@@ -1082,7 +1022,10 @@ impl Detector {
     // -----------------------------------------------------------------------------------
 
     fn reset_cusum(&mut self) {
-        self.cusums = [Cusum::default(); 2];
+        self.cusum_up = 0.0;
+        self.cusum_down = 0.0;
+        self.run_up = 0;
+        self.run_down = 0;
     }
 
     fn open_episode(
@@ -1134,7 +1077,7 @@ impl Detector {
             statistic,
             threshold,
             baseline_n: self.baseline.len() as u64,
-            current_n: eval.current_n,
+            current_n: self.current.len() as u64,
             baseline_value: eval.baseline_value,
             current_value: eval.current_value,
             severity: eval.severity,

@@ -555,103 +555,6 @@ pub fn two_proportion_z(base_hits: u64, base_n: u64, cur_hits: u64, cur_n: u64) 
     ZTest { z, p_value: (2.0 * normal_sf(z.abs())).min(1.0) }
 }
 
-/// Regularized incomplete beta function `I_x(a, b)` for `a, b > 0`, `0 <= x <= 1`
-/// (Lentz continued fraction, using the symmetry `I_x(a,b) = 1 - I_{1-x}(b,a)` on the side
-/// where the fraction converges fast).
-pub fn beta_inc(a: f64, b: f64, x: f64) -> f64 {
-    if a.is_nan() || b.is_nan() || x.is_nan() || a <= 0.0 || b <= 0.0 {
-        return f64::NAN;
-    }
-    if x <= 0.0 {
-        return 0.0;
-    }
-    if x >= 1.0 {
-        return 1.0;
-    }
-    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
-    if x < (a + 1.0) / (a + b + 2.0) {
-        (ln_front.exp() * beta_cf(a, b, x) / a).clamp(0.0, 1.0)
-    } else {
-        (1.0 - ln_front.exp() * beta_cf(b, a, 1.0 - x) / b).clamp(0.0, 1.0)
-    }
-}
-
-/// Continued fraction for [`beta_inc`] (Numerical Recipes `betacf`, modified Lentz).
-fn beta_cf(a: f64, b: f64, x: f64) -> f64 {
-    const EPS: f64 = 1e-15;
-    const TINY: f64 = 1e-300;
-    let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
-    let mut c = 1.0;
-    let mut d = 1.0 - qab * x / qap;
-    if d.abs() < TINY {
-        d = TINY;
-    }
-    d = 1.0 / d;
-    let mut h = d;
-    for m in 1..=10_000u32 {
-        let m = f64::from(m);
-        let m2 = 2.0 * m;
-        let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
-        d = 1.0 + aa * d;
-        if d.abs() < TINY {
-            d = TINY;
-        }
-        c = 1.0 + aa / c;
-        if c.abs() < TINY {
-            c = TINY;
-        }
-        d = 1.0 / d;
-        h *= d * c;
-        let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
-        d = 1.0 + aa * d;
-        if d.abs() < TINY {
-            d = TINY;
-        }
-        c = 1.0 + aa / c;
-        if c.abs() < TINY {
-            c = TINY;
-        }
-        d = 1.0 / d;
-        let del = d * c;
-        h *= del;
-        if (del - 1.0).abs() < EPS {
-            break;
-        }
-    }
-    h
-}
-
-/// Binomial upper tail `P(X >= k)` for `X ~ Bin(n, p)`, via `I_p(k, n - k + 1)`.
-pub fn binomial_sf(k: u64, n: u64, p: f64) -> f64 {
-    if k == 0 {
-        return 1.0;
-    }
-    if k > n || p <= 0.0 {
-        return 0.0;
-    }
-    if p >= 1.0 {
-        return 1.0;
-    }
-    beta_inc(k as f64, (n - k + 1) as f64, p)
-}
-
-/// One-sided p-value that the current rate exceeds the baseline rate, exact for small
-/// counts: conditional on the `K = base_hits + cur_hits` events, under equal rates each
-/// event lands in the current sample with probability `cur_n / (base_n + cur_n)`, so the
-/// p-value is `P(Bin(K, cur_n/N) >= cur_hits)` (the binomial form of Fisher's exact test,
-/// slightly conservative).
-///
-/// The pooled z-test's normal approximation overstates significance when events are rare
-/// (2 errors in 500 calls after 0 in 5,000 gives z ≈ 4.5 but this p ≈ 0.008), which is
-/// what error and refusal rates look like.
-pub fn two_proportion_upper_p(base_hits: u64, base_n: u64, cur_hits: u64, cur_n: u64) -> f64 {
-    if base_n == 0 || cur_n == 0 {
-        return 1.0;
-    }
-    let f = cur_n as f64 / (base_n + cur_n) as f64;
-    binomial_sf(cur_hits, base_hits + cur_hits, f)
-}
-
 /// The probability whose odds are `odds_ratio` times the odds of `q` (for `0 < q < 1`).
 ///
 /// Shifts for the Bernoulli CUSUM are expressed as odds ratios so one setting means the
@@ -971,33 +874,6 @@ mod tests {
         assert!(rel_close(t.p_value, 5.782_734_984_687_09e-5, 2e-7));
         assert_eq!(two_proportion_z(10, 10, 5, 5), ZTest { z: 0.0, p_value: 1.0 });
         assert_eq!(two_proportion_z(0, 0, 5, 5).p_value, 1.0);
-    }
-
-    #[test]
-    fn binomial_tail_matches_direct_sum() {
-        // Direct sum of the pmf with binomial coefficients built multiplicatively.
-        let direct = |k: u64, n: u64, p: f64| {
-            let mut total = 0.0;
-            for j in k..=n {
-                let mut c = 1.0;
-                for i in 0..j {
-                    c *= (n - i) as f64 / (i + 1) as f64;
-                }
-                total += c * p.powi(j as i32) * (1.0 - p).powi((n - j) as i32);
-            }
-            total
-        };
-        for &(k, n, p) in
-            &[(1u64, 10u64, 0.1), (5, 10, 0.0909), (3, 40, 0.2), (30, 60, 0.45), (0, 5, 0.3), (12, 12, 0.9)]
-        {
-            assert!(rel_close(binomial_sf(k, n, p), direct(k, n, p), 1e-10), "k={k} n={n} p={p}");
-        }
-        assert_eq!(binomial_sf(11, 10, 0.5), 0.0);
-        assert!(rel_close(beta_inc(2.0, 3.0, 0.4), 0.524_8, 1e-12));
-        // 2 events in 500 current calls, none in 5,000 baseline: (500/5500)².
-        assert!(rel_close(two_proportion_upper_p(0, 5_000, 2, 500), (500.0f64 / 5_500.0).powi(2), 1e-10));
-        assert!(two_proportion_z(0, 5_000, 2, 500).z > 4.4);
-        assert_eq!(two_proportion_upper_p(0, 0, 2, 500), 1.0);
     }
 
     #[test]
