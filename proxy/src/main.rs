@@ -179,18 +179,9 @@ fn parse_duration(flag: &str, s: &str) -> anyhow::Result<Duration> {
 }
 
 fn parse_since(s: &str) -> anyhow::Result<u64> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 =
-        num.parse().map_err(|_| anyhow::anyhow!("--since {s:?}: expected a number and a unit (s, m, h, d)"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => anyhow::bail!("--since {s:?}: unit must be s, m, h or d"),
-    };
+    let ago = parse_duration("--since", s)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    Ok(now.saturating_sub(Duration::from_secs(secs)).as_millis() as u64)
+    Ok(now.saturating_sub(ago).as_millis() as u64)
 }
 
 fn init_tracing(level: &str) {

@@ -572,54 +572,44 @@ fn resource(service_name: &str) -> Resource {
     }
 }
 
-fn build_span_exporter(o: &ResolvedOtlp) -> Result<opentelemetry_otlp::SpanExporter, OtlpError> {
-    let timeout = Duration::from_millis(o.cfg.timeout_ms);
-    let b = opentelemetry_otlp::SpanExporter::builder();
-    let res = if o.grpc {
-        let mut t = b.with_tonic().with_protocol(Protocol::Grpc).with_timeout(timeout);
-        if let Some(e) = &o.endpoint {
-            t = t.with_endpoint(e.clone());
-            if e.starts_with("https://") {
-                t = t.with_tls_config(
-                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_enabled_roots(),
-                );
+/// Builds an OTLP exporter of one signal (`SpanExporter`, `LogExporter`): gRPC to the
+/// endpoint, or HTTP/protobuf to `<endpoint><path>`. The builders share no trait for
+/// `build()`, hence a macro rather than a generic function.
+macro_rules! otlp_exporter {
+    ($o:expr, $exporter:ty, $path:literal) => {{
+        let o: &ResolvedOtlp = $o;
+        let timeout = Duration::from_millis(o.cfg.timeout_ms);
+        let b = <$exporter>::builder();
+        let res = if o.grpc {
+            let mut t = b.with_tonic().with_protocol(Protocol::Grpc).with_timeout(timeout);
+            if let Some(e) = &o.endpoint {
+                t = t.with_endpoint(e.clone());
+                if e.starts_with("https://") {
+                    t = t.with_tls_config(
+                        opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_enabled_roots(),
+                    );
+                }
             }
-        }
-        t.build()
-    } else {
-        let client = opentelemetry_http::hyper::HyperClient::new(https_connector()?, timeout, None);
-        let mut h = b.with_http().with_protocol(Protocol::HttpBinary).with_timeout(timeout).with_http_client(client);
-        if let Some(e) = &o.endpoint {
-            h = h.with_endpoint(format!("{e}/v1/traces"));
-        }
-        h.build()
-    };
-    res.map_err(|e| OtlpError::Build(e.to_string()))
+            t.build()
+        } else {
+            let client = opentelemetry_http::hyper::HyperClient::new(https_connector()?, timeout, None);
+            let mut h =
+                b.with_http().with_protocol(Protocol::HttpBinary).with_timeout(timeout).with_http_client(client);
+            if let Some(e) = &o.endpoint {
+                h = h.with_endpoint(format!("{e}{}", $path));
+            }
+            h.build()
+        };
+        res.map_err(|e| OtlpError::Build(e.to_string()))
+    }};
+}
+
+fn build_span_exporter(o: &ResolvedOtlp) -> Result<opentelemetry_otlp::SpanExporter, OtlpError> {
+    otlp_exporter!(o, opentelemetry_otlp::SpanExporter, "/v1/traces")
 }
 
 fn build_log_exporter(o: &ResolvedOtlp) -> Result<opentelemetry_otlp::LogExporter, OtlpError> {
-    let timeout = Duration::from_millis(o.cfg.timeout_ms);
-    let b = opentelemetry_otlp::LogExporter::builder();
-    let res = if o.grpc {
-        let mut t = b.with_tonic().with_protocol(Protocol::Grpc).with_timeout(timeout);
-        if let Some(e) = &o.endpoint {
-            t = t.with_endpoint(e.clone());
-            if e.starts_with("https://") {
-                t = t.with_tls_config(
-                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_enabled_roots(),
-                );
-            }
-        }
-        t.build()
-    } else {
-        let client = opentelemetry_http::hyper::HyperClient::new(https_connector()?, timeout, None);
-        let mut h = b.with_http().with_protocol(Protocol::HttpBinary).with_timeout(timeout).with_http_client(client);
-        if let Some(e) = &o.endpoint {
-            h = h.with_endpoint(format!("{e}/v1/logs"));
-        }
-        h.build()
-    };
-    res.map_err(|e| OtlpError::Build(e.to_string()))
+    otlp_exporter!(o, opentelemetry_otlp::LogExporter, "/v1/logs")
 }
 
 fn build_meter_provider(
