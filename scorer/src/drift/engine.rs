@@ -9,10 +9,52 @@ use serde::{Deserialize, Serialize};
 
 use super::detect::{BadDirection, Detector, DetectorConfig, Obs, Severity, SignalKind, Transition};
 
+/// What drift needs of one call: no bodies, and the refusal check done by the sender.
+#[derive(Clone, Debug, Default)]
+pub struct CallObs {
+    pub app: String,
+    pub route: String,
+    /// The response model, else the requested one.
+    pub model: String,
+    pub failed: bool,
+    /// A judge's own call (never watched).
+    pub judge_call: bool,
+    pub duration_ms: f64,
+    /// Set for streamed calls with a first token.
+    pub ttft_ms: Option<f64>,
+    pub cost_usd: f64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub finish_reason: String,
+    /// `None` when there is no output text.
+    pub refused: Option<bool>,
+    pub tool_calls: Vec<String>,
+}
+
+impl From<&TraceRecord> for CallObs {
+    fn from(r: &TraceRecord) -> Self {
+        CallObs {
+            app: r.app.clone(),
+            route: r.route.clone(),
+            model: model_of(r).to_owned(),
+            failed: r.error_kind != ErrorKind::None,
+            judge_call: r.tags.contains_key(crate::llm::JUDGE_TAG),
+            duration_ms: r.duration_ms,
+            ttft_ms: (r.streamed && r.ttft_ms > 0.0).then_some(r.ttft_ms),
+            cost_usd: r.cost_usd,
+            input_tokens: r.input_tokens,
+            output_tokens: r.output_tokens,
+            finish_reason: r.finish_reason.clone(),
+            refused: (!r.output_text.is_empty()).then(|| refused(&r.output_text)),
+            tool_calls: r.tool_calls.clone(),
+        }
+    }
+}
+
 /// What the engine consumes.
 #[derive(Clone, Debug)]
 pub enum Input {
-    Call(Box<TraceRecord>),
+    Call(Box<CallObs>),
     Verdict(Box<ScoreRecord>),
     Feedback(Box<FeedbackRecord>),
 }
@@ -276,24 +318,22 @@ impl DriftEngine {
         let mut out = Vec::new();
         match input {
             Input::Call(r) => {
-                if r.tags.contains_key(crate::llm::JUDGE_TAG) {
+                if r.judge_call {
                     return out;
                 }
-                let model = model_of(r).to_owned();
                 let keys = [
-                    Key { app: r.app.clone(), route: r.route.clone(), model: model.clone(), judge: String::new() },
+                    Key { app: r.app.clone(), route: r.route.clone(), model: r.model.clone(), judge: String::new() },
                     Key { app: r.app.clone(), route: "*".into(), model: "*".into(), judge: String::new() },
                 ];
-                let failed = r.error_kind != ErrorKind::None;
                 let path = if r.tool_calls.is_empty() { "(none)".to_owned() } else { r.tool_calls.join(">") };
                 for key in &keys {
-                    self.feed(key, "error_rate", Obs::Flag(failed), &mut out);
-                    if failed {
+                    self.feed(key, "error_rate", Obs::Flag(r.failed), &mut out);
+                    if r.failed {
                         continue;
                     }
                     self.feed(key, "latency_ms", Obs::Value(r.duration_ms), &mut out);
-                    if r.streamed && r.ttft_ms > 0.0 {
-                        self.feed(key, "ttft_ms", Obs::Value(r.ttft_ms), &mut out);
+                    if let Some(ttft) = r.ttft_ms {
+                        self.feed(key, "ttft_ms", Obs::Value(ttft), &mut out);
                     }
                     self.feed(key, "cost_per_call", Obs::Value(r.cost_usd), &mut out);
                     self.feed(key, "input_tokens", Obs::Value(r.input_tokens as f64), &mut out);
@@ -301,14 +341,14 @@ impl DriftEngine {
                     if !r.finish_reason.is_empty() {
                         self.feed(key, "finish_reason_mix", Obs::Category(&r.finish_reason), &mut out);
                     }
-                    if !r.output_text.is_empty() {
-                        self.feed(key, "refusal_rate", Obs::Flag(refused(&r.output_text)), &mut out);
+                    if let Some(refused) = r.refused {
+                        self.feed(key, "refusal_rate", Obs::Flag(refused), &mut out);
                     }
                     self.feed(key, "tool_call_rate", Obs::Flag(!r.tool_calls.is_empty()), &mut out);
                     self.feed(key, "tool_path_mix", Obs::Category(&path), &mut out);
                 }
-                if !model.is_empty() {
-                    self.feed(&keys[1], "model_mix", Obs::Category(&model), &mut out);
+                if !r.model.is_empty() {
+                    self.feed(&keys[1], "model_mix", Obs::Category(&r.model), &mut out);
                 }
             }
             Input::Verdict(v) => {
@@ -449,7 +489,7 @@ mod tests {
     }
 
     fn call(app: &str, model: &str, cost: f64, latency: f64) -> Input {
-        Input::Call(Box::new(TraceRecord {
+        Input::Call(Box::new(CallObs::from(&TraceRecord {
             app: app.into(),
             route: "openai".into(),
             request_model: model.into(),
@@ -461,7 +501,7 @@ mod tests {
             finish_reason: "stop".into(),
             output_text: "ok".into(),
             ..TraceRecord::default()
-        }))
+        })))
     }
 
     fn verdict(app: &str, model: &str, passed: bool, trace: &str) -> Input {

@@ -18,4 +18,4 @@ pub mod engine;
 pub mod runner;
 pub mod stats;
 
-pub use engine::{DriftConfig, DriftEngine, Input};
+pub use engine::{CallObs, DriftConfig, DriftEngine, Input};

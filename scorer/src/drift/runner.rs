@@ -47,7 +47,7 @@ impl DriftSender {
 
 impl RecordObserver for DriftSender {
     fn observe(&mut self, record: &TraceRecord, _meta: &ObservedMeta) {
-        self.send(Input::Call(Box::new(record.clone())));
+        self.send(Input::Call(Box::new(record.into())));
     }
 }
 
