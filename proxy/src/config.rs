@@ -309,11 +309,11 @@ impl Config {
             }
         })?;
         self.drift.validate().map_err(|(key, value, reason)| ConfigError::Invalid { key, value, reason })?;
-        if self.drift.source == "clickhouse" {
+        if self.drift.enabled && self.drift.source == "clickhouse" && self.clickhouse.url.is_empty() {
             return Err(ConfigError::invalid(
                 "drift.source",
                 "\"clickhouse\"",
-                "not in this build; the in-memory source (memory) runs in every sidecar".to_owned(),
+                "the clickhouse source reads the fleet's rows: set clickhouse.url".to_owned(),
             ));
         }
         let clickhouse = self.clickhouse.validate().map_err(|e| ConfigError::Invalid {

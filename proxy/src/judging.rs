@@ -142,6 +142,10 @@ impl llmtap_scorer::drift::runner::DriftObserver for DriftGauge {
         _event: &llmtap_ingest::record::DriftEventRecord,
         active: &[llmtap_scorer::drift::engine::Active],
     ) {
+        self.restored(active);
+    }
+
+    fn restored(&mut self, active: &[llmtap_scorer::drift::engine::Active]) {
         self.0.reset();
         for a in active {
             let k = &a.key;

@@ -4,6 +4,7 @@
 mod admin;
 mod body;
 mod config;
+mod drift;
 mod feedback;
 mod forward;
 mod judging;
@@ -103,6 +104,18 @@ enum Command {
         /// Pause between passes.
         #[arg(long, default_value = "5s")]
         poll_interval: String,
+    },
+    /// Watch the whole fleet for drift from ClickHouse (one job per fleet): the signals of
+    /// `serve`'s in-memory source, computed in SQL over every sidecar's rows.
+    Drift {
+        #[command(flatten)]
+        common: Common,
+        /// Poll once, write the events and exit.
+        #[arg(long)]
+        once: bool,
+        /// Print every key's window statistics of the last poll (JSON lines) at exit.
+        #[arg(long)]
+        stats: bool,
     },
     /// Verdicts that need a human (inside a judge's review band), oldest first.
     Review {
@@ -214,6 +227,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
             let summary = rt.block_on(score::run(validated, args, server::shutdown_signal()))?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Drift { common, once, stats } => {
+            let (cfg, env) = load(&common, None, None)?;
+            let validated = cfg.validate(&env)?;
+            init_tracing(&validated.raw.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
+            let summary = rt.block_on(drift::run(validated, once, server::shutdown_signal()))?;
+            if stats {
+                for (key, signal, st) in &summary.stats {
+                    let line = serde_json::json!({
+                        "signal": signal, "app": key.app, "route": key.route, "model": key.model,
+                        "judge": key.judge, "stats": st,
+                    });
+                    println!("{line}");
+                }
+            }
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }

@@ -53,7 +53,15 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         }
         None => None,
     };
-    let drift = if cfg.raw.drift.enabled {
+    // The ClickHouse source judges the whole fleet from SQL; it needs no input from here.
+    let fleet_drift = if cfg.raw.drift.enabled && cfg.raw.drift.source == "clickhouse" {
+        let gauge = crate::judging::DriftGauge::register(&metrics).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+        tracing::info!("drift: polling the fleet's rows in clickhouse");
+        Some(crate::drift::spawn_in_serve(&cfg, vec![gauge])?)
+    } else {
+        None
+    };
+    let drift = if cfg.raw.drift.enabled && fleet_drift.is_none() {
         let client = if cfg.raw.drift.webhooks.is_empty() {
             None
         } else {
@@ -233,6 +241,15 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     if let Some((sender, handle)) = drift {
         drop(sender);
         tokio::task::spawn_blocking(move || handle.shutdown()).await?;
+    }
+    if let Some((stop, thread)) = fleet_drift {
+        let _ = stop.send(());
+        tokio::task::spawn_blocking(move || {
+            if thread.join().is_err() {
+                tracing::error!("drift thread panicked");
+            }
+        })
+        .await?;
     }
     if let Some(otlp) = otlp {
         // The recorder is gone, so the exporter's queue is closed: it sends what it holds.

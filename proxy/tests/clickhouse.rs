@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
+use llmtap_ingest::record::{ErrorKind, FeedbackRecord, ScoreRecord, Timestamp, TraceRecord};
 use llmtap_ingest::sink::clickhouse::schema::{SchemaContext, MIGRATIONS};
 use llmtap_testkit::chdb::{self, ChdbAdapter};
 use llmtap_testkit::process::{read_records, LlmtapProcess};
@@ -505,4 +506,326 @@ async fn two_standalone_shards_judge_every_sampled_call_exactly_once() {
     assert_eq!(again["verdicts"], 0, "{again}");
     assert!(again["already_judged"].as_u64().unwrap() > 0, "{again}");
     assert_eq!(count(&ch, "SELECT count() AS n FROM default.llm_scores"), expected.len() as u64);
+}
+
+/// `[drift]` for the statistics comparison: small windows, and nothing may fire or hold
+/// observations back, so both sources' windows are simply "the newest 150, and the 600
+/// before them".
+fn comparison_drift_config() -> String {
+    let mut out = String::new();
+    for s in llmtap_scorer::drift::engine::SIGNALS {
+        out.push_str(&format!(
+            "[drift.signals.{}]\ncurrent_window = 150\nbaseline_max = 600\nmin_baseline = 50\nhold_z = 1e9\n\
+             cusum_h = 1e9\nz_fire = 1e9\npsi_fire = 1e9\njs_fire = 1e9\n",
+            s.name
+        ));
+    }
+    out
+}
+
+/// 1,000 calls of two models with ties, errors, refusals, tool paths and streams; two
+/// judges' verdicts on each; human feedback on every third. One second apart, ending an hour
+/// ago.
+fn comparison_data() -> (Vec<TraceRecord>, Vec<ScoreRecord>, Vec<FeedbackRecord>) {
+    use std::time::SystemTime;
+    let mut rnd = fastrand::Rng::with_seed(42);
+    let start = SystemTime::now() - Duration::from_secs(2 * 3600);
+    let (mut calls, mut verdicts, mut feedback) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..1000u64 {
+        let at = |ms: u64| Timestamp(start + Duration::from_millis(i * 1000 + ms));
+        let model = if i < 500 || rnd.f64() < 0.6 { "gpt-4o" } else { "gpt-4o-mini" };
+        let failed = rnd.f64() < 0.05;
+        let paths: [&[&str]; 4] = [&[], &["search"], &["search", "book"], &["lookup"]];
+        let trace_id = format!("{i:032x}");
+        let streamed = i % 2 == 0;
+        calls.push(TraceRecord {
+            trace_id: trace_id.clone(),
+            span_id: format!("{i:016x}"),
+            ts: at(0),
+            app: "bot".into(),
+            route: "openai".into(),
+            request_model: model.into(),
+            response_model: if i % 7 == 0 { String::new() } else { format!("{model}-2024-08-06") },
+            error_kind: if failed { ErrorKind::HttpError } else { ErrorKind::None },
+            streamed,
+            ttft_ms: if streamed { 100.0 + 300.0 * rnd.f64() } else { 0.0 },
+            duration_ms: (800.0 * (1.0 + rnd.f64())).round(),
+            // Many ties at the minimum: the "bin below the minimum" rule.
+            cost_usd: if rnd.f64() < 0.4 { 0.001 } else { 0.001 + 0.002 * rnd.f64() },
+            input_tokens: 100 + rnd.u64(0..20),
+            output_tokens: 40 + rnd.u64(0..200),
+            finish_reason: ["stop", "stop", "length", "tool_calls"][rnd.usize(0..4)].into(),
+            output_text: match rnd.u8(0..10) {
+                0 => "I'm sorry, but I can't do that.".into(),
+                1 => String::new(),
+                _ => "Here is the plan.".into(),
+            },
+            tool_calls: paths[rnd.usize(0..4)].iter().map(|s| s.to_string()).collect(),
+            ..TraceRecord::default()
+        });
+        let passed = rnd.f64() < 0.85;
+        verdicts.push(ScoreRecord {
+            ts: at(100),
+            trace_id: trace_id.clone(),
+            judge: "cites_plan".into(),
+            judge_kind: "rule".into(),
+            app: "bot".into(),
+            route: "openai".into(),
+            request_model: model.into(),
+            passed: u8::from(passed),
+            score: f64::from(u8::from(passed)),
+            ..ScoreRecord::default()
+        });
+        let score = f64::from(rnd.u8(1..=5));
+        verdicts.push(ScoreRecord {
+            ts: at(200),
+            trace_id: trace_id.clone(),
+            judge: "helpful".into(),
+            judge_kind: "llm".into(),
+            app: "bot".into(),
+            route: "openai".into(),
+            request_model: model.into(),
+            passed: u8::from(score >= 4.0),
+            score,
+            needs_review: u8::from(score == 3.0),
+            // Error verdicts are never observed by either source.
+            error: if i % 50 == 0 { "timeout".into() } else { String::new() },
+            ..ScoreRecord::default()
+        });
+        if i % 3 == 0 {
+            let up = rnd.f64() < 0.8;
+            feedback.push(FeedbackRecord {
+                ts: at(500),
+                trace_id,
+                name: "thumbs".into(),
+                value: if up { 1.0 } else { 0.0 },
+                label: if i % 2 == 0 {
+                    String::new()
+                } else if up {
+                    "Good".into()
+                } else {
+                    "bad".into()
+                },
+                ..FeedbackRecord::default()
+            });
+        }
+    }
+    (calls, verdicts, feedback)
+}
+
+fn insert<T: serde::Serialize>(ch: &ChdbAdapter, table: &str, rows: &[T]) {
+    let mut sql = format!("INSERT INTO default.{table} FORMAT JSONEachRow\n");
+    for r in rows {
+        sql.push_str(&serde_json::to_string(r).unwrap());
+        sql.push('\n');
+    }
+    ch.query(&sql).unwrap();
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+#[test]
+fn the_clickhouse_source_computes_the_in_memory_statistics() {
+    use llmtap_scorer::drift::detect::WindowStats;
+    use llmtap_scorer::drift::{CallObs, DriftConfig, DriftEngine, Input};
+    let Some(py) = chdb::python() else { return };
+    let ch = ChdbAdapter::start(&py).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let drift = comparison_drift_config();
+    let cfg_path = dir.path().join("llmtap.toml");
+    std::fs::write(
+        &cfg_path,
+        format!("data_dir = {:?}\n[clickhouse]\nurl = \"{}\"\n{drift}", dir.path().join("data"), ch.url()),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(llmtap_bin()).args(args).arg("--config").arg(&cfg_path).output().unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        if args[0] == "drift" {
+            let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+            assert_eq!((&summary["polls"], &summary["failed_queries"]), (&json!(1), &json!(0)), "{stderr}");
+        }
+        stdout
+    };
+    run(&["migrate"]);
+    let (calls, verdicts, feedback) = comparison_data();
+    insert(&ch, "llm_traces", &calls);
+    insert(&ch, "llm_scores", &verdicts);
+    insert(&ch, "llm_feedback", &feedback);
+
+    // The ClickHouse source, through the binary.
+    let mut fleet = std::collections::BTreeMap::new();
+    for line in run(&["drift", "--once", "--stats"]).lines().filter(|l| l.contains("\"stats\"")) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let key: Vec<String> =
+            ["signal", "app", "route", "model", "judge"].iter().map(|k| v[k].as_str().unwrap().to_owned()).collect();
+        let st = &v["stats"];
+        let num = |k: &str| st[k].as_f64().unwrap_or(f64::NAN);
+        let st = WindowStats {
+            baseline_n: st["baseline_n"].as_u64().unwrap(),
+            current_n: st["current_n"].as_u64().unwrap(),
+            baseline_value: num("baseline_value"),
+            current_value: num("current_value"),
+            z: num("z"),
+            psi: num("psi"),
+            ks_d: num("ks_d"),
+            ks_p: num("ks_p"),
+            js: num("js"),
+            chi2_p: num("chi2_p"),
+            category: st["category"].as_str().map(str::to_owned),
+        };
+        fleet.insert(key, st);
+    }
+
+    // The in-memory source, fed the same rows in time order.
+    #[derive(serde::Deserialize)]
+    struct Wrapper {
+        drift: DriftConfig,
+    }
+    let cfg: Wrapper = toml::from_str(&drift).unwrap();
+    let mut engine = DriftEngine::new(cfg.drift);
+    let mut inputs: Vec<(Timestamp, Input)> = Vec::new();
+    inputs.extend(calls.iter().map(|c| (c.ts, Input::Call(Box::new(CallObs::from(c))))));
+    inputs.extend(verdicts.iter().map(|v| (v.ts, Input::Verdict(Box::new(v.clone())))));
+    inputs.extend(feedback.iter().map(|f| (f.ts, Input::Feedback(Box::new(f.clone())))));
+    inputs.sort_by_key(|(t, _)| *t);
+    for (_, input) in &inputs {
+        assert!(engine.observe(input).is_empty(), "nothing may fire in this comparison");
+    }
+    let memory = engine.window_stats();
+
+    // Same keys, same counts, same statistics.
+    let mut memory: Vec<_> = memory
+        .into_iter()
+        .map(|(k, s, st)| (vec![s.to_string(), k.app.clone(), k.route.clone(), k.model.clone(), k.judge.clone()], st))
+        .collect();
+    memory.sort_by(|a, b| a.0.cmp(&b.0));
+    let keys: Vec<Vec<String>> = memory.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(keys, fleet.keys().cloned().collect::<Vec<_>>());
+    // 10 call signals × 4 response models and the app, the model mix, 1 + 3 verdict
+    // signals × 2 request models and the app, and agreement for each judge.
+    assert_eq!(memory.len(), 10 * 5 + 1 + 4 * 3 + 2, "{keys:?}");
+    for ((key, m), _) in memory.iter().zip(&keys) {
+        let f = &fleet[key];
+        assert_eq!((m.baseline_n, m.current_n, &m.category), (f.baseline_n, f.current_n, &f.category), "{key:?}");
+        assert!(m.current_n > 0, "{key:?}");
+        for (what, a, b) in [
+            ("baseline_value", m.baseline_value, f.baseline_value),
+            ("current_value", m.current_value, f.current_value),
+            ("z", m.z, f.z),
+            ("psi", m.psi, f.psi),
+            ("ks_d", m.ks_d, f.ks_d),
+            ("ks_p", m.ks_p, f.ks_p),
+            ("js", m.js, f.js),
+            ("chi2_p", m.chi2_p, f.chi2_p),
+        ] {
+            assert!(close(a, b), "{key:?} {what}: in memory {a}, clickhouse {b}");
+        }
+    }
+    // The statistics are not all zero: the comparison compares something.
+    let psi: f64 = memory.iter().map(|(_, s)| s.psi).sum();
+    let js: f64 = memory.iter().map(|(_, s)| s.js).sum();
+    let z: f64 = memory.iter().map(|(_, s)| s.z.abs()).sum();
+    assert!(psi > 0.1 && js > 0.05 && z > 1.0, "psi {psi} js {js} z {z}");
+}
+
+/// A judge's pass rate falls from 0.9 to 0.7 across the fleet's verdicts: `llmtap drift`
+/// fires once per key with `control_surface = "prompt"` and ships the events; a second run
+/// finds them still open and fires nothing; `serve` with `drift.source = "clickhouse"`
+/// restores them into its gauge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clickhouse_source_fires_once_ships_and_restores_after_a_restart() {
+    let Some(py) = chdb::python() else { return };
+    let ch = ChdbAdapter::start(&py).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let cfg_path = dir.path().join("llmtap.toml");
+    let ch_cfg = format!("[clickhouse]\nurl = \"{}\"\nbatch_max_age_ms = 100\npoll_interval_ms = 50\n", ch.url());
+    std::fs::write(&cfg_path, format!("data_dir = {:?}\n{ch_cfg}", data_dir)).unwrap();
+    let run = |args: &[&str]| -> Value {
+        let out = std::process::Command::new(llmtap_bin()).args(args).arg("--config").arg(&cfg_path).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        stdout.lines().last().map(|l| serde_json::from_str(l).unwrap()).unwrap_or(Value::Null)
+    };
+    run(&["migrate"]);
+    let mut rnd = fastrand::Rng::with_seed(9);
+    let start = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let verdicts: Vec<ScoreRecord> = (0..3000u64)
+        .map(|i| {
+            let passed = rnd.f64() < if i < 2400 { 0.9 } else { 0.7 };
+            ScoreRecord {
+                ts: Timestamp(start + Duration::from_millis(i * 500)),
+                trace_id: format!("{i:032x}"),
+                judge: "cites_plan".into(),
+                judge_kind: "rule".into(),
+                app: "bot".into(),
+                route: "openai".into(),
+                request_model: "gpt-4o".into(),
+                passed: u8::from(passed),
+                score: f64::from(u8::from(passed)),
+                ..ScoreRecord::default()
+            }
+        })
+        .collect();
+    insert(&ch, "llm_scores", &verdicts);
+
+    let first = run(&["drift", "--once"]);
+    assert_eq!((&first["events"], &first["restored"], &first["failed_queries"]), (&json!(2), &json!(0), &json!(0)));
+    let events = read_records(&data_dir.join("drift"));
+    let got: Vec<(&str, &str, &str, &str, &str)> = events
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap();
+            (s("signal"), s("model"), s("state"), s("method"), s("control_surface"))
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("judge_pass_rate", "*", "firing", "z_test", "prompt"),
+            ("judge_pass_rate", "gpt-4o", "firing", "z_test", "prompt")
+        ]
+    );
+    for e in &events {
+        assert_eq!((&e["baseline_n"], &e["current_n"]), (&json!(2500), &json!(500)));
+        let (b, c) = (e["baseline_value"].as_f64().unwrap(), e["current_value"].as_f64().unwrap());
+        assert!((0.85..0.9).contains(&b) && (0.65..0.75).contains(&c), "{e}");
+    }
+    // Shipped before `llmtap drift` exited.
+    assert_eq!(count(&ch, "SELECT count() AS n FROM default.llm_drift_events WHERE state = 'firing'"), 2);
+
+    let second = run(&["drift", "--once"]);
+    assert_eq!((&second["events"], &second["restored"]), (&json!(0), &json!(2)));
+    assert_eq!(read_records(&data_dir.join("drift")).len(), 2);
+
+    // `serve` with the ClickHouse source: the open episodes are in its gauge.
+    let mock = MockUpstream::start("127.0.0.1:0".parse().unwrap(), &fixtures_dir()).await.unwrap();
+    let config = format!(
+        "{ch_cfg}[drift]\nsource = \"clickhouse\"\n[drift.clickhouse]\npoll_interval_secs = 1\n{}",
+        base_config(&mock)
+    );
+    let p = LlmtapProcess::start(llmtap_bin(), &config, &[]).unwrap();
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let r = send(&c, hyper::Method::GET, &format!("http://{}/metrics", p.admin), &[], "").await;
+        let m = String::from_utf8_lossy(&r.body).into_owned();
+        if m.contains("llmtap_drift_active{") || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let active: Vec<&str> = metrics.lines().filter(|l| l.starts_with("llmtap_drift_active{")).collect();
+    assert_eq!(active.len(), 2, "{metrics}\n{}", p.stderr());
+    assert!(active.iter().all(|l| l.contains("control_surface=\"prompt\"") && l.ends_with(" 1")), "{active:?}");
+    assert!(!p.stderr().contains("drift query failed"), "{}", p.stderr());
+    // SIGTERM stops the poll loop with the rest.
+    let mut p = p;
+    p.terminate().unwrap();
+    assert!(p.wait_exit(Duration::from_secs(20)).unwrap().success(), "{}", p.stderr());
 }

@@ -32,7 +32,7 @@ pub struct JudgeRow {
 }
 
 /// Labels that count as a human "pass" when feedback has no numeric value.
-const PASS_LABELS: &[&str] = &["pass", "good", "correct", "up", "yes", "true"];
+pub const PASS_LABELS: &[&str] = &["pass", "good", "correct", "up", "yes", "true"];
 
 pub fn human_pass(f: &FeedbackRecord) -> bool {
     if f.label.is_empty() {

@@ -318,6 +318,90 @@ pub struct WindowSnapshot {
     pub category: Option<String>,
 }
 
+/// The windowed statistics of one detector: what the in-memory and the ClickHouse sources
+/// both compute, so that the two can be compared value for value. Fields that do not apply
+/// to the signal kind are 0 (p-values 1).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WindowStats {
+    pub baseline_n: u64,
+    pub current_n: u64,
+    /// Rate, median, or the share of the most-moved category.
+    pub baseline_value: f64,
+    pub current_value: f64,
+    /// Rates: two-proportion z of the current window against the baseline.
+    pub z: f64,
+    /// Numeric: PSI over the baseline's quantile bins.
+    pub psi: f64,
+    /// Numeric: two-sample KS statistic and its asymptotic p-value.
+    pub ks_d: f64,
+    pub ks_p: f64,
+    /// Categorical: Jensen–Shannon distance and the chi-square homogeneity p-value.
+    pub js: f64,
+    pub chi2_p: f64,
+    /// Categorical: the category behind the values.
+    pub category: Option<String>,
+}
+
+impl WindowStats {
+    /// Rates from counts.
+    pub fn rate(base_hits: u64, nb: u64, cur_hits: u64, nc: u64) -> Self {
+        WindowStats {
+            baseline_n: nb,
+            current_n: nc,
+            baseline_value: ratio_or_nan(base_hits, nb),
+            current_value: ratio_or_nan(cur_hits, nc),
+            z: stats::two_proportion_z(base_hits, nb, cur_hits, nc).z,
+            ks_p: 1.0,
+            chi2_p: 1.0,
+            ..Default::default()
+        }
+    }
+
+    /// Categorical mixes from aligned counts (`names[i]` is the label of slot `i`).
+    pub fn categorical(names: &[String], base: &[u64], cur: &[u64]) -> Self {
+        // Slots in name order, so that ties pick the same category whatever order the
+        // labels were first seen in.
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        order.sort_by(|&x, &y| names[x].cmp(&names[y]));
+        let pick = |v: &[u64]| order.iter().map(|&i| v.get(i).copied().unwrap_or(0)).collect::<Vec<u64>>();
+        let (base, cur) = (pick(base), pick(cur));
+        let names: Vec<&String> = order.iter().map(|&i| &names[i]).collect();
+        let (category, baseline_value, current_value) = most_moved(&base, &cur);
+        let (base, cur) = (&base[..], &cur[..]);
+        WindowStats {
+            baseline_n: base.iter().sum(),
+            current_n: cur.iter().sum(),
+            baseline_value,
+            current_value,
+            js: stats::js_distance(base, cur),
+            chi2_p: stats::chi_square_homogeneity(base, cur).p_value,
+            ks_p: 1.0,
+            category: category.and_then(|i| names.get(i).map(|n| n.to_string())),
+            ..Default::default()
+        }
+    }
+}
+
+/// The category that moved most, with its baseline and current shares. "Most" is the
+/// largest chi-square contribution `(c - b)² / (b + c)`, so 2% → 10% outranks the 90% → 82%
+/// it came from: the relative change is what an operator needs to see.
+fn most_moved(base: &[u64], cur: &[u64]) -> (Option<usize>, f64, f64) {
+    let nb: u64 = base.iter().sum();
+    let nc: u64 = cur.iter().sum();
+    let mut best: (Option<usize>, f64, f64) = (None, f64::NAN, f64::NAN);
+    let mut best_gap = -1.0;
+    for i in 0..base.len().max(cur.len()) {
+        let b = ratio_or_nan(base.get(i).copied().unwrap_or(0), nb);
+        let c = ratio_or_nan(cur.get(i).copied().unwrap_or(0), nc);
+        let gap = if nb == 0 || nc == 0 || b + c <= 0.0 { 0.0 } else { (c - b) * (c - b) / (b + c) };
+        if gap > best_gap {
+            best_gap = gap;
+            best = (Some(i), b, c);
+        }
+    }
+    best
+}
+
 /// One stored observation: the value (0/1 for flags, the interned id for categories) and
 /// the timestamp it was observed at.
 #[derive(Debug, Clone, Copy)]
@@ -528,6 +612,36 @@ impl Detector {
         }
     }
 
+    /// The windowed statistics of the current window against the baseline, as the
+    /// ClickHouse source computes them in SQL.
+    pub fn window_stats(&self) -> WindowStats {
+        let (nb, nc) = (self.baseline.len() as u64, self.current.len() as u64);
+        match self.kind {
+            SignalKind::Rate => WindowStats::rate(self.base_hits, nb, self.cur_hits, nc),
+            SignalKind::Numeric => {
+                let mut cur: Vec<f64> = self.current.iter().map(|s| s.v).collect();
+                cur.sort_by(f64::total_cmp);
+                let edges = stats::quantile_edges_sorted(&self.base_sorted, self.cfg.psi_bins);
+                let ks = stats::ks_test_sorted(&self.base_sorted, &cur);
+                WindowStats {
+                    baseline_n: nb,
+                    current_n: nc,
+                    baseline_value: stats::median_sorted(&self.base_sorted),
+                    current_value: stats::median_sorted(&cur),
+                    psi: stats::psi_from_counts(
+                        &stats::bin_counts_sorted(&self.base_sorted, &edges),
+                        &stats::bin_counts_sorted(&cur, &edges),
+                    ),
+                    ks_d: ks.d,
+                    ks_p: ks.p_value,
+                    chi2_p: 1.0,
+                    ..Default::default()
+                }
+            }
+            SignalKind::Categorical => WindowStats::categorical(&self.names, &self.base_counts, &self.cur_counts),
+        }
+    }
+
     // -----------------------------------------------------------------------------------
     // Window bookkeeping
     // -----------------------------------------------------------------------------------
@@ -724,15 +838,7 @@ impl Detector {
     /// (`(x + 1/2)/(n + 1)`, so an error-free baseline still gives a usable rate) and
     /// raised by `rate_margin_se` standard errors to absorb estimation noise.
     fn rate_increment(&self, bad_count: f64, n: f64, bad: bool) -> f64 {
-        let q_hat = (bad_count + 0.5) / (n + 1.0);
-        let q0 = (q_hat + self.cfg.rate_margin_se * (q_hat * (1.0 - q_hat) / n).sqrt()).clamp(1e-9, 1.0 - 1e-6);
-        let q1 = stats::shift_odds(q0, self.cfg.rate_odds_ratio);
-        let (llr_bad, llr_good) = stats::bernoulli_llr(q0, q1);
-        if bad {
-            llr_bad
-        } else {
-            llr_good
-        }
+        rate_increment(&self.cfg, bad_count, n, bad)
     }
 
     /// Length of the suffix of the current window that a CUSUM alarm attributes to the
@@ -977,24 +1083,8 @@ impl Detector {
         }
     }
 
-    /// The category that moved most, with its baseline and current shares. "Most" is the
-    /// largest chi-square contribution `(c - b)² / (b + c)`, so 2% → 10% outranks the
-    /// 90% → 82% it came from: the relative change is what an operator needs to see.
     fn most_moved_category(&self) -> (Option<usize>, f64, f64) {
-        let nb: u64 = self.base_counts.iter().sum();
-        let nc: u64 = self.cur_counts.iter().sum();
-        let mut best: (Option<usize>, f64, f64) = (None, f64::NAN, f64::NAN);
-        let mut best_gap = -1.0;
-        for i in 0..self.names.len() {
-            let b = ratio_or_nan(self.base_counts.get(i).copied().unwrap_or(0), nb);
-            let c = ratio_or_nan(self.cur_counts.get(i).copied().unwrap_or(0), nc);
-            let gap = if nb == 0 || nc == 0 || b + c <= 0.0 { 0.0 } else { (c - b) * (c - b) / (b + c) };
-            if gap > best_gap {
-                best_gap = gap;
-                best = (Some(i), b, c);
-            }
-        }
-        best
+        most_moved(&self.base_counts, &self.cur_counts)
     }
 
     /// Baseline and current values (and category) for snapshots.
@@ -1092,6 +1182,23 @@ impl Detector {
 /// median a handful of values.
 const MIN_RATE_SEGMENT: usize = 30;
 const MIN_NUMERIC_SEGMENT: usize = 5;
+
+/// Bernoulli CUSUM increment for one observation, with the bad outcome observed
+/// `bad_count` times in `n` baseline observations. The baseline rate is smoothed
+/// (`(x + 1/2)/(n + 1)`, so an error-free baseline still gives a usable rate) and raised by
+/// `rate_margin_se` standard errors to absorb estimation noise. Shared with the ClickHouse
+/// source, whose CUSUM runs over the flags each poll brings.
+pub fn rate_increment(cfg: &DetectorConfig, bad_count: f64, n: f64, bad: bool) -> f64 {
+    let q_hat = (bad_count + 0.5) / (n + 1.0);
+    let q0 = (q_hat + cfg.rate_margin_se * (q_hat * (1.0 - q_hat) / n).sqrt()).clamp(1e-9, 1.0 - 1e-6);
+    let q1 = stats::shift_odds(q0, cfg.rate_odds_ratio);
+    let (llr_bad, llr_good) = stats::bernoulli_llr(q0, q1);
+    if bad {
+        llr_bad
+    } else {
+        llr_good
+    }
+}
 
 /// Kullback–Leibler divergence of Bernoulli(`p`) from Bernoulli(`q`), `0 < q < 1`.
 fn bernoulli_kl(p: f64, q: f64) -> f64 {

@@ -2,7 +2,7 @@
 //! runs a detector per (key, signal), and turns detector transitions into
 //! `llm_drift_events` records.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use llmtap_ingest::record::{DriftEventRecord, ErrorKind, FeedbackRecord, ScoreRecord, Timestamp, TraceRecord};
 use serde::{Deserialize, Serialize};
@@ -118,7 +118,7 @@ pub const SIGNALS: &[Signal] = &[
     sig("judge_human_agreement", Rate, Down, Surface::IntentJudge, false),
 ];
 
-fn signal(name: &str) -> Option<(usize, &'static Signal)> {
+pub(crate) fn signal(name: &str) -> Option<(usize, &'static Signal)> {
     SIGNALS.iter().enumerate().find(|(_, s)| s.name == name)
 }
 
@@ -139,6 +139,9 @@ pub struct SignalOverride {
     pub psi_fire: Option<f64>,
     /// Categorical: Jensen–Shannon distance that fires.
     pub js_fire: Option<f64>,
+    /// Observations leaving the current window are held back from the baseline while the
+    /// window is this many standard errors off in a bad direction.
+    pub hold_z: Option<f64>,
     /// Baseline observations older than this are dropped (a sliding window in time, e.g.
     /// 7 days); unset: bounded by count only.
     pub baseline_max_age_secs: Option<u64>,
@@ -160,6 +163,8 @@ pub struct DriftConfig {
     pub signals: BTreeMap<String, SignalOverride>,
     /// Where alerts go.
     pub webhooks: Vec<crate::drift::alert::WebhookConfig>,
+    /// `[drift.clickhouse]`: polling of the ClickHouse source.
+    pub clickhouse: crate::drift::fleet::FleetConfig,
 }
 
 impl Default for DriftConfig {
@@ -171,6 +176,7 @@ impl Default for DriftConfig {
             queue_capacity: 65_536,
             signals: BTreeMap::new(),
             webhooks: Vec::new(),
+            clickhouse: Default::default(),
         }
     }
 }
@@ -194,6 +200,12 @@ impl DriftConfig {
                 if v == Some(0) {
                     return Err((format!("drift.signals.{name}.{k}"), "0".into(), "must be above 0".into()));
                 }
+            }
+        }
+        let ch = &self.clickhouse;
+        for (k, v) in [("poll_interval_secs", ch.poll_interval_secs), ("lookback_secs", ch.lookback_secs)] {
+            if v == 0 {
+                return Err((format!("drift.clickhouse.{k}"), "0".into(), "must be above 0".into()));
             }
         }
         for (i, w) in self.webhooks.iter().enumerate() {
@@ -231,6 +243,9 @@ impl DriftConfig {
         }
         if o.js_fire.is_some() {
             c.js_fire = o.js_fire;
+        }
+        if let Some(v) = o.hold_z {
+            c.hold_z = v;
         }
         c.baseline_max_age_ms = o.baseline_max_age_secs.map(|s| s * 1000);
         Some(c)
@@ -274,8 +289,21 @@ pub struct DriftEngine {
     /// Recent verdicts by trace, to pair with feedback (judge–human agreement).
     recent: HashMap<String, Vec<(String, Key, bool)>>,
     recent_order: VecDeque<String>,
+    /// Calls seen per app, and the models each app has used.
+    app_calls: HashMap<String, u64>,
+    app_models: HashMap<String, HashSet<String>>,
+    /// Apps where a model never seen before appeared, with the app's call count then
+    /// ([`MODEL_APPEARED_NOW`] from the ClickHouse source: in the current window).
+    model_appeared: HashMap<String, u64>,
     pub stats: EngineStats,
 }
+
+/// Calls an app must have made before a new model counts as a switch (before that, every
+/// model is new), and for how many calls after it appeared it keeps counting as one.
+const MODEL_HISTORY: u64 = 500;
+const MODEL_RECENT: u64 = 5_000;
+/// See `DriftEngine::model_appeared`.
+const MODEL_APPEARED_NOW: u64 = u64::MAX;
 
 fn model_of(r: &TraceRecord) -> &str {
     if r.response_model.is_empty() {
@@ -304,8 +332,76 @@ impl DriftEngine {
             active: BTreeMap::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            app_calls: HashMap::new(),
+            app_models: HashMap::new(),
+            model_appeared: HashMap::new(),
             stats: EngineStats::default(),
         }
+    }
+
+    /// The detector tuning of signal `idx` (`None`: disabled).
+    pub fn detector_config(&self, idx: usize) -> Option<&DetectorConfig> {
+        self.configs.get(idx).and_then(Option::as_ref)
+    }
+
+    pub fn max_detectors(&self) -> usize {
+        self.cfg.max_detectors
+    }
+
+    /// The ClickHouse source saw a model in `app`'s current window that its baseline never
+    /// had. Replaces what an earlier poll said.
+    pub(crate) fn set_models_appeared(&mut self, apps: impl IntoIterator<Item = String>) {
+        self.model_appeared = apps.into_iter().map(|a| (a, MODEL_APPEARED_NOW)).collect();
+    }
+
+    /// The event of a transition of signal `idx` for `key` (the ClickHouse source's way in).
+    pub(crate) fn transition_event(&mut self, key: &Key, idx: usize, t: &Transition) -> DriftEventRecord {
+        let out = self.event(key, &SIGNALS[idx], t);
+        self.stats.events += 1;
+        out
+    }
+
+    /// Marks a detector as firing without an event (restored from ClickHouse at start).
+    pub(crate) fn restore_active(&mut self, key: &Key, idx: usize, surface: &str, severity: &str) {
+        let s = &SIGNALS[idx];
+        let surface = match surface {
+            "model" => Surface::Model,
+            "intent_judge" => Surface::IntentJudge,
+            "prompt" => Surface::Prompt,
+            _ => s.surface,
+        };
+        let severity = if severity == "critical" { "critical" } else { "warning" };
+        self.active.insert((key.clone(), s.name), Active { key: key.clone(), signal: s.name, surface, severity });
+    }
+
+    /// Whether a model new to `app` appeared recently.
+    fn model_switched(&self, app: &str) -> bool {
+        self.model_appeared.get(app).is_some_and(|&at| {
+            at == MODEL_APPEARED_NOW || self.app_calls.get(app).copied().unwrap_or(0).saturating_sub(at) <= MODEL_RECENT
+        })
+    }
+
+    /// Notes the model of a call; a model an established app never used counts as a switch.
+    fn note_model(&mut self, app: &str, model: &str) {
+        let calls = self.app_calls.entry(app.to_owned()).or_default();
+        *calls += 1;
+        let calls = *calls;
+        let models = self.app_models.entry(app.to_owned()).or_default();
+        if models.contains(model) || models.len() >= 256 {
+            return;
+        }
+        models.insert(model.to_owned());
+        if calls > MODEL_HISTORY {
+            self.model_appeared.insert(app.to_owned(), calls);
+        }
+    }
+
+    /// Every detector's window statistics, sorted by key and signal.
+    pub fn window_stats(&self) -> Vec<(Key, &'static str, super::detect::WindowStats)> {
+        let mut out: Vec<_> =
+            self.detectors.iter().map(|((k, i), d)| (k.clone(), SIGNALS[*i].name, d.window_stats())).collect();
+        out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        out
     }
 
     /// What is firing now.
@@ -348,6 +444,7 @@ impl DriftEngine {
                     self.feed(key, "tool_path_mix", Obs::Category(&path), &mut out);
                 }
                 if !r.model.is_empty() {
+                    self.note_model(&r.app, &r.model);
                     self.feed(&keys[1], "model_mix", Obs::Category(&r.model), &mut out);
                 }
             }
@@ -420,10 +517,11 @@ impl DriftEngine {
         if !s.quality {
             return s.surface;
         }
-        let model_moved = self
-            .active
-            .values()
-            .any(|a| a.key.app == key.app && signal(a.signal).is_some_and(|(_, x)| x.surface == Surface::Model));
+        let model_moved = self.model_switched(&key.app)
+            || self
+                .active
+                .values()
+                .any(|a| a.key.app == key.app && signal(a.signal).is_some_and(|(_, x)| x.surface == Surface::Model));
         if model_moved {
             Surface::Model
         } else {

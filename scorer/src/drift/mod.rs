@@ -15,6 +15,7 @@
 pub mod alert;
 pub mod detect;
 pub mod engine;
+pub mod fleet;
 pub mod runner;
 pub mod stats;
 

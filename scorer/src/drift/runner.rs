@@ -2,17 +2,21 @@
 //! (full: dropped and counted; the request path never waits), the engine, the
 //! `<data-dir>/drift/` log, the observers (the Prometheus gauge) and webhook delivery.
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use llmtap_ingest::log::{LogConfig, SegmentWriter};
 use llmtap_ingest::record::{DriftEventRecord, ScoreRecord, TraceRecord};
 use llmtap_ingest::recorder::{ObservedMeta, RecordObserver};
 use tokio::sync::mpsc;
 
-use super::engine::{Active, DriftConfig, DriftEngine, Input};
+use super::detect::WindowStats;
+use super::engine::{Active, DriftConfig, DriftEngine, Input, Key, SIGNALS};
+use super::fleet::{FleetEngine, FleetRow};
 use crate::llm::HttpClient;
 use crate::runner::VerdictObserver;
 
@@ -28,6 +32,9 @@ pub struct DriftStats {
 /// Told about every event and the set of firing detectors after it.
 pub trait DriftObserver: Send {
     fn changed(&mut self, event: &DriftEventRecord, active: &[Active]);
+    /// What is firing, without an event: episodes a restarted ClickHouse source found still
+    /// open in `llm_drift_events`.
+    fn restored(&mut self, _active: &[Active]) {}
 }
 
 /// Feeds the drift thread without waiting.
@@ -73,81 +80,255 @@ impl DriftHandle {
     }
 }
 
+/// Where events go: the `<data-dir>/drift/` log, the log line, the observers and the
+/// webhooks. Shared by both sources.
+struct Emitter {
+    writer: SegmentWriter,
+    observers: Vec<Box<dyn DriftObserver>>,
+    hooks: Arc<Vec<super::alert::WebhookConfig>>,
+    client: Option<HttpClient>,
+    stats: Arc<DriftStats>,
+    deliveries: tokio::task::JoinSet<()>,
+    line: Vec<u8>,
+}
+
+impl Emitter {
+    fn new(
+        data_dir: &Path,
+        log: LogConfig,
+        cfg: &DriftConfig,
+        client: Option<HttpClient>,
+        observers: Vec<Box<dyn DriftObserver>>,
+        stats: Arc<DriftStats>,
+    ) -> std::io::Result<Self> {
+        Ok(Emitter {
+            writer: SegmentWriter::open(data_dir, "drift", log)?,
+            observers,
+            hooks: Arc::new(cfg.webhooks.clone()),
+            client,
+            stats,
+            deliveries: tokio::task::JoinSet::new(),
+            line: Vec::with_capacity(512),
+        })
+    }
+
+    /// Writes, logs and announces `events`; webhook deliveries run in the background.
+    fn emit(&mut self, events: &[DriftEventRecord], active: &[Active]) {
+        if events.is_empty() {
+            return;
+        }
+        for e in events {
+            self.line.clear();
+            if serde_json::to_writer(&mut self.line, e).is_ok() && self.writer.append(&self.line).is_ok() {
+                self.stats.events.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                signal = %e.signal, app = %e.app, route = %e.route, model = %e.model, judge = %e.judge,
+                state = %e.state, severity = %e.severity, control_surface = %e.control_surface,
+                method = %e.method, baseline = e.baseline_value, current = e.current_value,
+                "drift"
+            );
+        }
+        if let Err(e) = self.writer.flush() {
+            tracing::error!(error = %e, "drift log flush failed");
+        }
+        for e in events {
+            for o in self.observers.iter_mut() {
+                o.changed(e, active);
+            }
+        }
+        if let Some(client) = &self.client {
+            for hook in self.hooks.iter() {
+                let (client, hook, events, stats) = (client.clone(), hook.clone(), events.to_vec(), self.stats.clone());
+                self.deliveries.spawn(async move {
+                    match super::alert::deliver(&client, &hook, &events, Duration::from_millis(200)).await {
+                        Ok(_) => stats.webhook_deliveries.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            tracing::warn!(url = %hook.url, error = %e, "drift webhook failed");
+                            stats.webhook_failures.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                });
+            }
+        }
+        while self.deliveries.try_join_next().is_some() {}
+    }
+
+    fn restored(&mut self, active: &[Active]) {
+        for o in self.observers.iter_mut() {
+            o.restored(active);
+        }
+    }
+
+    /// Waits for webhook deliveries and closes the log.
+    async fn close(mut self) {
+        while self.deliveries.join_next().await.is_some() {}
+        if let Err(e) = self.writer.close() {
+            tracing::error!(error = %e, "drift log close failed");
+        }
+    }
+}
+
 /// Starts the drift thread writing events to `<data_dir>/drift/`.
 pub fn spawn_drift(
     data_dir: &Path,
     log: LogConfig,
     cfg: DriftConfig,
     client: Option<HttpClient>,
-    mut observers: Vec<Box<dyn DriftObserver>>,
+    observers: Vec<Box<dyn DriftObserver>>,
 ) -> std::io::Result<(DriftSender, DriftHandle)> {
-    let mut writer = SegmentWriter::open(data_dir, "drift", log)?;
-    let (tx, mut rx) = mpsc::channel::<Input>(cfg.queue_capacity.max(1));
     let stats = Arc::new(DriftStats::default());
+    let mut emitter = Emitter::new(data_dir, log, &cfg, client, observers, stats.clone())?;
+    let (tx, mut rx) = mpsc::channel::<Input>(cfg.queue_capacity.max(1));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let hooks = Arc::new(cfg.webhooks.clone());
     let mut engine = DriftEngine::new(cfg);
-    let thread = {
-        let stats = stats.clone();
-        std::thread::Builder::new().name("llmtap-drift".into()).spawn(move || {
-            runtime.block_on(async move {
-                let mut deliveries = tokio::task::JoinSet::new();
-                let mut line = Vec::with_capacity(512);
-                while let Some(input) = rx.recv().await {
-                    let mut events = engine.observe(&input);
-                    while events.len() < 256 {
-                        match rx.try_recv() {
-                            Ok(i) => events.extend(engine.observe(&i)),
-                            Err(_) => break,
-                        }
+    let thread = std::thread::Builder::new().name("llmtap-drift".into()).spawn(move || {
+        runtime.block_on(async move {
+            while let Some(input) = rx.recv().await {
+                let mut events = engine.observe(&input);
+                while events.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(i) => events.extend(engine.observe(&i)),
+                        Err(_) => break,
                     }
-                    if events.is_empty() {
-                        continue;
-                    }
-                    for e in &events {
-                        line.clear();
-                        if serde_json::to_writer(&mut line, e).is_ok() && writer.append(&line).is_ok() {
-                            stats.events.fetch_add(1, Ordering::Relaxed);
-                        }
-                        tracing::warn!(
-                            signal = %e.signal, app = %e.app, route = %e.route, model = %e.model, judge = %e.judge,
-                            state = %e.state, severity = %e.severity, control_surface = %e.control_surface,
-                            method = %e.method, baseline = e.baseline_value, current = e.current_value,
-                            "drift"
-                        );
-                    }
-                    if let Err(e) = writer.flush() {
-                        tracing::error!(error = %e, "drift log flush failed");
-                    }
-                    let active = engine.active();
-                    for e in &events {
-                        for o in observers.iter_mut() {
-                            o.changed(e, &active);
-                        }
-                    }
-                    if let Some(client) = &client {
-                        for hook in hooks.iter() {
-                            let (client, hook, events, stats) =
-                                (client.clone(), hook.clone(), events.clone(), stats.clone());
-                            deliveries.spawn(async move {
-                                match super::alert::deliver(&client, &hook, &events, Duration::from_millis(200)).await {
-                                    Ok(_) => stats.webhook_deliveries.fetch_add(1, Ordering::Relaxed),
-                                    Err(e) => {
-                                        tracing::warn!(url = %hook.url, error = %e, "drift webhook failed");
-                                        stats.webhook_failures.fetch_add(1, Ordering::Relaxed)
-                                    }
-                                };
-                            });
-                        }
-                    }
-                    while deliveries.try_join_next().is_some() {}
                 }
-                while deliveries.join_next().await.is_some() {}
-                if let Err(e) = writer.close() {
-                    tracing::error!(error = %e, "drift log close failed");
+                if !events.is_empty() {
+                    emitter.emit(&events, &engine.active());
                 }
-            })
-        })?
-    };
+            }
+            emitter.close().await;
+        })
+    })?;
     Ok((DriftSender { tx, stats: stats.clone() }, DriftHandle { thread: Some(thread), stats }))
+}
+
+/// Runs SQL for the ClickHouse source: JSONEachRow lines, 64-bit integers unquoted.
+pub trait FleetFetch: Send + Sync + 'static {
+    fn fetch(&self, sql: String) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + '_>>;
+}
+
+/// What a run of the ClickHouse source did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct FleetSummary {
+    pub polls: u64,
+    /// Polls that could not start (ClickHouse unreachable).
+    pub failed_polls: u64,
+    /// Signal queries that failed within a poll.
+    pub failed_queries: u64,
+    pub events: u64,
+    /// Firing episodes found in `llm_drift_events` at start.
+    pub restored: u64,
+    /// `(key, signal, statistics)` of the last poll.
+    #[serde(skip)]
+    pub stats: Vec<(Key, &'static str, WindowStats)>,
+}
+
+/// The ClickHouse source: polls `db` every `drift.clickhouse.poll_interval_secs` (once with
+/// `once`) until `shutdown`, writing events as the in-memory source does.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_fleet(
+    data_dir: &Path,
+    log: LogConfig,
+    cfg: DriftConfig,
+    db: &str,
+    fetch: &dyn FleetFetch,
+    client: Option<HttpClient>,
+    observers: Vec<Box<dyn DriftObserver>>,
+    once: bool,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<FleetSummary> {
+    let stats = Arc::new(DriftStats::default());
+    let mut emitter = Emitter::new(data_dir, log, &cfg, client, observers, stats.clone())?;
+    let interval = Duration::from_secs(cfg.clickhouse.poll_interval_secs.max(1));
+    let lookback_ms = (cfg.clickhouse.lookback_secs as i64).saturating_mul(1000);
+    let mut fleet = FleetEngine::new(DriftEngine::new(cfg.clone()), cfg.clickhouse.clone());
+    let mut summary = FleetSummary::default();
+    let mut restored = false;
+    tokio::pin!(shutdown);
+    loop {
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let poll = async {
+            if !restored {
+                summary.restored = restore(&mut fleet, fetch, db, now_ms - lookback_ms).await?;
+                restored = true;
+                if summary.restored > 0 {
+                    emitter.restored(&fleet.engine.active());
+                }
+            }
+            let mut failed = 0;
+            for (idx, sql) in fleet.queries(db, now_ms) {
+                let name = SIGNALS[idx].name;
+                let rows = fetch.fetch(sql).await.and_then(|lines| {
+                    lines
+                        .iter()
+                        .map(|l| {
+                            serde_json::from_str::<FleetRow>(l).map_err(|e| format!("row does not read: {e}: {l}"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                });
+                match rows {
+                    Ok(rows) => {
+                        let events = fleet.apply(idx, &rows);
+                        summary.events += events.len() as u64;
+                        emitter.emit(&events, &fleet.engine.active());
+                    }
+                    Err(e) => {
+                        // One signal's failure (e.g. a timeout) does not stop the others.
+                        failed += 1;
+                        tracing::warn!(signal = name, error = %e, "drift query failed; retrying at the next poll");
+                    }
+                }
+            }
+            Ok::<u64, String>(failed)
+        };
+        match poll.await {
+            Ok(0) => summary.polls += 1,
+            Ok(failed) => {
+                summary.polls += 1;
+                summary.failed_queries += failed;
+            }
+            Err(e) => {
+                summary.failed_polls += 1;
+                tracing::warn!(error = %e, "drift poll of clickhouse failed; retrying at the next poll");
+            }
+        }
+        if once {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = &mut shutdown => break,
+        }
+    }
+    summary.stats = std::mem::take(&mut fleet.last_stats).into_iter().map(|((k, s), st)| (k, s, st)).collect();
+    emitter.close().await;
+    Ok(summary)
+}
+
+/// Marks what `llm_drift_events` says is still firing; returns how many.
+async fn restore(fleet: &mut FleetEngine, fetch: &dyn FleetFetch, db: &str, from_ms: i64) -> Result<u64, String> {
+    #[derive(serde::Deserialize)]
+    struct Open {
+        signal: String,
+        app: String,
+        route: String,
+        model: String,
+        judge: String,
+        surface: String,
+        severity: String,
+        at: i64,
+    }
+    let sql = format!(
+        "SELECT signal, app, route, model, judge, argMax(state, ts) AS last, argMax(control_surface, ts) AS surface, \
+         argMax(severity, ts) AS severity, toUnixTimestamp64Milli(max(ts)) AS at FROM {db}.llm_drift_events \
+         WHERE ts >= fromUnixTimestamp64Milli({from_ms}) GROUP BY signal, app, route, model, judge HAVING last = 'firing'"
+    );
+    let mut n = 0;
+    for l in fetch.fetch(sql).await? {
+        let o: Open = serde_json::from_str(&l).map_err(|e| format!("llm_drift_events row does not read: {e}: {l}"))?;
+        let key = Key { app: o.app, route: o.route, model: o.model, judge: o.judge };
+        fleet.restore_firing(key, &o.signal, &o.surface, &o.severity, o.at);
+        n += 1;
+    }
+    Ok(n)
 }
