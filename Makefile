@@ -7,9 +7,9 @@ PYTHON ?= python3
 VENV ?= .venv
 export LLMTAP_CHDB_PYTHON := $(abspath $(VENV))/bin/python
 
-.PHONY: test deps lint fmt clippy unit sdk chdb run bench-shipper
+.PHONY: test deps lint fmt clippy unit sdk chdb deploy-rules run bench-shipper
 
-test: deps lint unit sdk chdb
+test: deps lint unit sdk chdb deploy-rules
 
 # Debian packages the tests drive: Prometheus and promtool (needs root or sudo for apt-get).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -41,6 +41,11 @@ sdk: $(VENV)/.installed
 # The test adapter's own checks (chdb behind ClickHouse's HTTP interface).
 chdb: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/chdb
+
+# The alerting rules in deploy/: promtool check and unit tests of the Prometheus rules, and
+# the Grafana provisioning file's checks (needs promtool, from `deps`; no Rust build).
+deploy-rules: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy
 
 run:
 	$(CARGO) run --release -p llmtap -- serve
