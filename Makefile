@@ -1,6 +1,7 @@
 # Developer and CI entry points. `make test` is the README's test command and what CI runs:
-# it installs what it needs (Prometheus from Debian, a Python venv with the SDKs and the chdb
-# ClickHouse engine) and runs every suite, the ClickHouse and Prometheus ones included.
+# it installs what it needs (Prometheus and Alertmanager from Debian, a Python venv with the
+# SDKs and the chdb ClickHouse engine) and runs every suite, the ClickHouse and Prometheus
+# ones included.
 
 CARGO ?= cargo
 PYTHON ?= python3
@@ -11,12 +12,15 @@ export LLMTAP_CHDB_PYTHON := $(abspath $(VENV))/bin/python
 
 test: deps lint unit sdk chdb deploy-rules
 
-# Debian packages the tests drive: Prometheus and promtool (needs root or sudo for apt-get).
+# Debian packages the tests drive: Prometheus, promtool and Alertmanager (needs root or sudo
+# for apt-get).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && \
+	  command -v prometheus-alertmanager >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager; }
 
 lint: fmt clippy
 

@@ -149,6 +149,7 @@ pub mod judge;
 pub mod otlp;
 pub mod process;
 pub mod tools;
+pub mod webhook;
 
 /// One fixture case (`<provider>/<case>.case.json`).
 #[derive(Clone, Debug, Deserialize)]

@@ -1,5 +1,10 @@
 //! Drift alerts to webhooks: a generic JSON body, a Slack-compatible text body, or the
 //! Alertmanager v2 `POST /api/v2/alerts` format; retried with backoff.
+//!
+//! Alertmanager resolves an alert nobody re-sends within its `resolve_timeout` (5 minutes by
+//! default), so what is still firing is re-sent to `alertmanager` webhooks every
+//! `resend_secs`, as Prometheus does; the other formats are notifications, sent once per
+//! transition.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,6 +29,8 @@ pub struct WebhookConfig {
     pub timeout_ms: u64,
     /// Extra headers, e.g. an `Authorization` for the receiver.
     pub headers: BTreeMap<String, String>,
+    /// `alertmanager`: seconds between re-sends of what is still firing.
+    pub resend_secs: u64,
 }
 
 impl Default for WebhookConfig {
@@ -34,6 +41,7 @@ impl Default for WebhookConfig {
             max_retries: 5,
             timeout_ms: 5000,
             headers: BTreeMap::new(),
+            resend_secs: 60,
         }
     }
 }
@@ -50,6 +58,9 @@ impl WebhookConfig {
                 format!("{:?}", self.format),
                 "expected generic, slack or alertmanager".into(),
             ));
+        }
+        if self.resend_secs == 0 {
+            return Err(("resend_secs".into(), "0".into(), "must be above 0".into()));
         }
         Ok(())
     }
@@ -89,17 +100,23 @@ pub fn body(format: &str, events: &[DriftEventRecord]) -> Vec<u8> {
                 .iter()
                 .map(|e| {
                     let at = ts_format::format(e.ts.0).replacen(' ', "T", 1) + "Z";
+                    // An empty label is an absent one in Prometheus' data model.
+                    let labels: serde_json::Map<String, serde_json::Value> = [
+                        ("alertname", "LLMTapDrift"),
+                        ("signal", e.signal.as_str()),
+                        ("app", e.app.as_str()),
+                        ("route", e.route.as_str()),
+                        ("model", e.model.as_str()),
+                        ("judge", e.judge.as_str()),
+                        ("control_surface", e.control_surface.as_str()),
+                        ("severity", e.severity.as_str()),
+                    ]
+                    .into_iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.to_owned(), json!(v)))
+                    .collect();
                     let mut a = json!({
-                        "labels": {
-                            "alertname": "LLMTapDrift",
-                            "signal": e.signal,
-                            "app": e.app,
-                            "route": e.route,
-                            "model": e.model,
-                            "judge": e.judge,
-                            "control_surface": e.control_surface,
-                            "severity": e.severity,
-                        },
+                        "labels": labels,
                         "annotations": {
                             "summary": format!("{} drift for {}: revisit the {}", e.signal, e.app, e.control_surface),
                             "description": what(e),

@@ -2,12 +2,13 @@
 //! (full: dropped and counted; the request path never waits), the engine, the
 //! `<data-dir>/drift/` log, the observers (the Prometheus gauge) and webhook delivery.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use llmtap_ingest::log::{LogConfig, SegmentWriter};
 use llmtap_ingest::record::{DriftEventRecord, ScoreRecord, TraceRecord};
@@ -90,6 +91,8 @@ struct Emitter {
     stats: Arc<DriftStats>,
     deliveries: tokio::task::JoinSet<()>,
     line: Vec<u8>,
+    /// The firing event of every open episode, re-sent to Alertmanager.
+    firing: BTreeMap<(String, String, String, String, String), DriftEventRecord>,
 }
 
 impl Emitter {
@@ -109,6 +112,7 @@ impl Emitter {
             stats,
             deliveries: tokio::task::JoinSet::new(),
             line: Vec::with_capacity(512),
+            firing: BTreeMap::new(),
         })
     }
 
@@ -137,8 +141,21 @@ impl Emitter {
                 o.changed(e, active);
             }
         }
+        for e in events {
+            let key = (e.signal.clone(), e.app.clone(), e.route.clone(), e.model.clone(), e.judge.clone());
+            if e.state == "firing" {
+                self.firing.insert(key, e.clone());
+            } else {
+                self.firing.remove(&key);
+            }
+        }
+        self.deliver(events, |_| true);
+    }
+
+    /// Sends `events` to the webhooks `which` selects, in the background.
+    fn deliver(&mut self, events: &[DriftEventRecord], which: impl Fn(&super::alert::WebhookConfig) -> bool) {
         if let Some(client) = &self.client {
-            for hook in self.hooks.iter() {
+            for hook in self.hooks.iter().filter(|h| which(h)) {
                 let (client, hook, events, stats) = (client.clone(), hook.clone(), events.to_vec(), self.stats.clone());
                 self.deliveries.spawn(async move {
                     match super::alert::deliver(&client, &hook, &events, Duration::from_millis(200)).await {
@@ -152,6 +169,26 @@ impl Emitter {
             }
         }
         while self.deliveries.try_join_next().is_some() {}
+    }
+
+    /// Re-sends what is still firing to the Alertmanager webhooks that are due at `now`
+    /// (`last` holds each webhook's last re-send).
+    fn resend(&mut self, now: Instant, last: &mut Vec<Instant>) {
+        last.resize(self.hooks.len(), now);
+        let mut due = Vec::new();
+        for (i, h) in self.hooks.iter().enumerate() {
+            // Half a tick of slack, so a 1 s period is not missed by a tick that came early.
+            let period = Duration::from_secs(h.resend_secs).saturating_sub(Duration::from_millis(500));
+            if h.format == "alertmanager" && now.duration_since(last[i]) >= period {
+                last[i] = now;
+                due.push(h.url.clone());
+            }
+        }
+        if due.is_empty() || self.firing.is_empty() {
+            return;
+        }
+        let events: Vec<DriftEventRecord> = self.firing.values().cloned().collect();
+        self.deliver(&events, |h| h.format == "alertmanager" && due.contains(&h.url));
     }
 
     fn restored(&mut self, active: &[Active]) {
@@ -184,7 +221,18 @@ pub fn spawn_drift(
     let mut engine = DriftEngine::new(cfg);
     let thread = std::thread::Builder::new().name("llmtap-drift".into()).spawn(move || {
         runtime.block_on(async move {
-            while let Some(input) = rx.recv().await {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut resent = Vec::new();
+            loop {
+                let input = tokio::select! {
+                    i = rx.recv() => i,
+                    _ = tick.tick() => {
+                        emitter.resend(Instant::now(), &mut resent);
+                        continue;
+                    }
+                };
+                let Some(input) = input else { break };
                 let mut events = engine.observe(&input);
                 while events.len() < 256 {
                     match rx.try_recv() {
@@ -244,6 +292,7 @@ pub async fn run_fleet(
     let mut fleet = FleetEngine::new(DriftEngine::new(cfg.clone()), cfg.clickhouse.clone());
     let mut summary = FleetSummary::default();
     let mut restored = false;
+    let mut resent = Vec::new();
     tokio::pin!(shutdown);
     loop {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
@@ -292,6 +341,7 @@ pub async fn run_fleet(
                 tracing::warn!(error = %e, "drift poll of clickhouse failed; retrying at the next poll");
             }
         }
+        emitter.resend(Instant::now(), &mut resent);
         if once {
             break;
         }
