@@ -67,6 +67,26 @@ def cpu_ticks(pids):
     return total
 
 
+def thread_ticks(pids):
+    """CPU ticks per thread name (comm), summed over `pids`: where a proxy's CPU goes."""
+    out = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            comm = text[text.index("(") + 1:text.rindex(")")]
+            fields = text.rsplit(")", 1)[1].split()
+            out[comm] = out.get(comm, 0) + int(fields[11]) + int(fields[12])
+    return out
+
+
 def peak_rss_mb(pids):
     total = 0
     for pid in pids:
@@ -251,11 +271,16 @@ def main():
             order = targets if run % 2 else list(reversed(targets))
             round_rows = {}
             for name, proc in order:
-                before = cpu_ticks(proc.pids())
+                before, threads_before = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
                 r = load(proc.port, sc)
-                after = cpu_ticks(proc.pids())
+                after, threads_after = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
                 row = {"scenario": sc["name"], "run": run, "target": name, **r}
-                row["cpu_us_per_req"] = None if name == "direct" else (after - before) / CLK * 1e6 / max(r["requests"], 1)
+                per_req = lambda ticks: ticks / CLK * 1e6 / max(r["requests"], 1)
+                row["cpu_us_per_req"] = None if name == "direct" else per_req(after - before)
+                if name.startswith("llmtap"):
+                    row["cpu_us_per_req_by_thread"] = {
+                        t: per_req(v - threads_before.get(t, 0)) for t, v in sorted(threads_after.items())
+                        if v - threads_before.get(t, 0) > 0}
                 if name.startswith("llmtap"):
                     row["records_dropped"] = metric(proc, "llmtap_trace_log_records_dropped_total")
                 round_rows[name] = row
@@ -293,6 +318,10 @@ def main():
                      f"{r['added_p50_ms']:+.3f} | {r['added_p99_ms']:+.3f} | {cpu} | {r.get('peak_rss_mb', 0):.1f} |")
     md = "\n".join(lines) + "\n\nLatency in ms; ttfb is time to first body byte (TTFT for streams), measured from each request's scheduled send time. Dropped records: " + \
         ", ".join(f"{r['scenario']}/{r['target']}/run{r['run']}={r['records_dropped']:.0f}" for r in results if r.get("records_dropped") is not None) + "\n"
+    md += "\nCPU µs per request by thread (llmtap targets; `llmtap` is the runtime's workers):\n\n" + "\n".join(
+        f"- {r['scenario']} run {r['run']} {r['target']}: " +
+        ", ".join(f"{t} {v:.1f}" for t, v in r["cpu_us_per_req_by_thread"].items())
+        for r in results if r.get("cpu_us_per_req_by_thread")) + "\n"
     with open(os.path.join(out_dir, f"{stamp}.md"), "w") as f:
         f.write(md)
     print(md)

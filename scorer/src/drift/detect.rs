@@ -402,12 +402,14 @@ fn most_moved(base: &[u64], cur: &[u64]) -> (Option<usize>, f64, f64) {
     best
 }
 
-/// One stored observation: the value (0/1 for flags, the interned id for categories) and
-/// the timestamp it was observed at.
+/// One stored observation: the value (0/1 for flags, the interned id for categories), the
+/// timestamp it was observed at, and (numeric values) its normal score against the baseline
+/// when it arrived, which the CUSUM used and the windowed mean score reuses.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     v: f64,
     t: u64,
+    z: f64,
 }
 
 /// The result of running the windowed tests once.
@@ -459,6 +461,8 @@ pub struct Detector {
     cur_hits: u64,
     /// Numeric: the baseline values, ascending.
     base_sorted: Vec<f64>,
+    /// Numeric: the current window's values, ascending.
+    cur_sorted: Vec<f64>,
     /// Categorical: interned labels and per-label counts.
     names: Vec<String>,
     ids: HashMap<String, usize>,
@@ -498,6 +502,7 @@ impl Detector {
             base_hits: 0,
             cur_hits: 0,
             base_sorted: Vec::new(),
+            cur_sorted: Vec::new(),
             names: Vec::new(),
             ids: HashMap::new(),
             base_counts: Vec::new(),
@@ -545,7 +550,8 @@ impl Detector {
         self.seen += 1;
 
         // The new observation joins the current window; the oldest one moves on.
-        let sample = Sample { v, t: self.last_t };
+        let z = if self.kind == SignalKind::Numeric { stats::normal_score(&self.base_sorted, v) } else { 0.0 };
+        let sample = Sample { v, t: self.last_t, z };
         self.add_current(sample);
         if self.current.len() > self.cfg.current_window {
             if let Some(old) = self.current.pop_front() {
@@ -556,7 +562,7 @@ impl Detector {
 
         let mut transition = None;
         if self.episode.is_none() && self.armed() {
-            transition = self.sequential_step(v);
+            transition = self.sequential_step(v, z);
         }
 
         self.since_check += 1;
@@ -619,18 +625,17 @@ impl Detector {
         match self.kind {
             SignalKind::Rate => WindowStats::rate(self.base_hits, nb, self.cur_hits, nc),
             SignalKind::Numeric => {
-                let mut cur: Vec<f64> = self.current.iter().map(|s| s.v).collect();
-                cur.sort_by(f64::total_cmp);
+                let cur = &self.cur_sorted;
                 let edges = stats::quantile_edges_sorted(&self.base_sorted, self.cfg.psi_bins);
-                let ks = stats::ks_test_sorted(&self.base_sorted, &cur);
+                let ks = stats::ks_test_sorted(&self.base_sorted, cur);
                 WindowStats {
                     baseline_n: nb,
                     current_n: nc,
                     baseline_value: stats::median_sorted(&self.base_sorted),
-                    current_value: stats::median_sorted(&cur),
+                    current_value: stats::median_sorted(cur),
                     psi: stats::psi_from_counts(
                         &stats::bin_counts_sorted(&self.base_sorted, &edges),
-                        &stats::bin_counts_sorted(&cur, &edges),
+                        &stats::bin_counts_sorted(cur, &edges),
                     ),
                     ks_d: ks.d,
                     ks_p: ks.p_value,
@@ -665,7 +670,10 @@ impl Detector {
     fn add_current(&mut self, s: Sample) {
         match self.kind {
             SignalKind::Rate => self.cur_hits += u64::from(s.v > 0.5),
-            SignalKind::Numeric => {}
+            SignalKind::Numeric => {
+                let at = self.cur_sorted.partition_point(|&x| x < s.v);
+                self.cur_sorted.insert(at, s.v);
+            }
             SignalKind::Categorical => {
                 if let Some(c) = self.cur_counts.get_mut(s.v as usize) {
                     *c += 1;
@@ -678,7 +686,12 @@ impl Detector {
     fn remove_current(&mut self, s: Sample) {
         match self.kind {
             SignalKind::Rate => self.cur_hits -= u64::from(s.v > 0.5).min(self.cur_hits),
-            SignalKind::Numeric => {}
+            SignalKind::Numeric => {
+                let at = self.cur_sorted.partition_point(|&x| x < s.v);
+                if self.cur_sorted.get(at) == Some(&s.v) {
+                    self.cur_sorted.remove(at);
+                }
+            }
             SignalKind::Categorical => {
                 if let Some(c) = self.cur_counts.get_mut(s.v as usize) {
                     *c = c.saturating_sub(1);
@@ -707,6 +720,14 @@ impl Detector {
     }
 
     fn admit(&mut self, s: Sample) {
+        if self.kind == SignalKind::Numeric && self.baseline.len() >= self.cfg.baseline_max {
+            // A full baseline: one in, one out, in a single shift of the sorted values.
+            if let Some(old) = self.baseline.pop_front() {
+                stats::replace_sorted(&mut self.base_sorted, old.v, s.v);
+                self.baseline.push_back(s);
+                return;
+            }
+        }
         self.add_baseline(s);
         while self.baseline.len() > self.cfg.baseline_max {
             self.pop_baseline();
@@ -787,7 +808,7 @@ impl Detector {
     }
 
     /// One CUSUM step for the new observation `v` against the (armed) baseline.
-    fn sequential_step(&mut self, v: f64) -> Option<Transition> {
+    fn sequential_step(&mut self, v: f64, z: f64) -> Option<Transition> {
         let h = self.cfg.cusum_h?;
         match self.kind {
             SignalKind::Rate => {
@@ -805,7 +826,6 @@ impl Detector {
                 }
             }
             SignalKind::Numeric => {
-                let z = stats::normal_score(&self.base_sorted, v);
                 let k = self.cfg.numeric_k;
                 if self.watches_up() {
                     self.cusum_up = stats::cusum_update(self.cusum_up, z - k);
@@ -1023,14 +1043,20 @@ impl Detector {
     }
 
     fn evaluate_numeric(&self, want_fire: bool) -> WindowEval {
-        let mut cur: Vec<f64> = self.current.iter().map(|s| s.v).collect();
-        cur.sort_by(f64::total_cmp);
+        let cur = &self.cur_sorted;
         let edges = stats::quantile_edges_sorted(&self.base_sorted, self.cfg.psi_bins);
         let psi = stats::psi_from_counts(
             &stats::bin_counts_sorted(&self.base_sorted, &edges),
-            &stats::bin_counts_sorted(&cur, &edges),
+            &stats::bin_counts_sorted(cur, &edges),
         );
-        let mean_score = self.mean_score(&cur);
+        // The scores the samples got on arrival: the baseline moves by one observation per
+        // arrival (and not at all while held or firing), so this is the mean score against
+        // the current baseline up to a negligible drift, without re-ranking the window.
+        let mean_score = if self.current.is_empty() {
+            0.0
+        } else {
+            self.current.iter().map(|s| s.z).sum::<f64>() / self.current.len() as f64
+        };
         let direction = sign(mean_score);
         let score_z = mean_score * (cur.len() as f64).sqrt();
         let bad_score_z = match self.cfg.bad_direction {
@@ -1044,7 +1070,7 @@ impl Detector {
             if let Some(t) = self.cfg.psi_fire.filter(|&t| psi >= t) {
                 fire = Some(("psi", psi, t));
             } else if let Some(alpha) = self.cfg.ks_fire_p {
-                let ks = stats::ks_test_sorted(&self.base_sorted, &cur);
+                let ks = stats::ks_test_sorted(&self.base_sorted, cur);
                 if ks.p_value <= alpha {
                     fire = Some(("ks", ks.d, stats::ks_critical_d(alpha, self.base_sorted.len(), cur.len())));
                 }
@@ -1059,7 +1085,7 @@ impl Detector {
             severity,
             direction,
             baseline_value: stats::median_sorted(&self.base_sorted),
-            current_value: stats::median_sorted(&cur),
+            current_value: stats::median_sorted(cur),
             category: None,
         }
     }
@@ -1096,9 +1122,8 @@ impl Detector {
                 None,
             ),
             SignalKind::Numeric => {
-                let mut cur: Vec<f64> = self.current.iter().map(|s| s.v).collect();
-                cur.sort_by(f64::total_cmp);
-                (stats::median_sorted(&self.base_sorted), stats::median_sorted(&cur), None)
+                let cur = &self.cur_sorted;
+                (stats::median_sorted(&self.base_sorted), stats::median_sorted(cur), None)
             }
             SignalKind::Categorical => {
                 let (category, b, c) = self.most_moved_category();
@@ -1147,6 +1172,13 @@ impl Detector {
         let held = std::mem::take(&mut self.held);
         for s in held {
             self.add_baseline(s);
+        }
+        // The window's scores were against the old baseline.
+        if self.kind == SignalKind::Numeric {
+            for i in 0..self.current.len() {
+                let z = stats::normal_score(&self.base_sorted, self.current[i].v);
+                self.current[i].z = z;
+            }
         }
         self.reset_cusum();
         t

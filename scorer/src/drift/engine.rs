@@ -118,6 +118,25 @@ pub const SIGNALS: &[Signal] = &[
     sig("judge_human_agreement", Rate, Down, Surface::IntentJudge, false),
 ];
 
+/// Indices into [`SIGNALS`], so the per-call path never looks a signal up by name.
+mod idx {
+    pub const ERROR_RATE: usize = 0;
+    pub const LATENCY_MS: usize = 1;
+    pub const TTFT_MS: usize = 2;
+    pub const COST_PER_CALL: usize = 3;
+    pub const INPUT_TOKENS: usize = 4;
+    pub const OUTPUT_TOKENS: usize = 5;
+    pub const FINISH_REASON_MIX: usize = 6;
+    pub const REFUSAL_RATE: usize = 7;
+    pub const MODEL_MIX: usize = 8;
+    pub const TOOL_CALL_RATE: usize = 9;
+    pub const TOOL_PATH_MIX: usize = 10;
+    pub const JUDGE_PASS_RATE: usize = 11;
+    pub const JUDGE_SCORE: usize = 12;
+    pub const NEEDS_REVIEW_RATE: usize = 13;
+    pub const JUDGE_HUMAN_AGREEMENT: usize = 14;
+}
+
 pub(crate) fn signal(name: &str) -> Option<(usize, &'static Signal)> {
     SIGNALS.iter().enumerate().find(|(_, s)| s.name == name)
 }
@@ -284,10 +303,15 @@ pub struct EngineStats {
 pub struct DriftEngine {
     cfg: DriftConfig,
     configs: Vec<Option<DetectorConfig>>,
-    detectors: HashMap<(Key, usize), Detector>,
+    /// Keys by their joined text (see `key_id`), and the detectors of each key by signal.
+    key_ids: HashMap<String, u32>,
+    keys: Vec<Key>,
+    detectors: Vec<Vec<Option<Detector>>>,
+    /// Reused to join a key for lookup without allocating.
+    scratch: String,
     active: BTreeMap<(Key, &'static str), Active>,
     /// Recent verdicts by trace, to pair with feedback (judge–human agreement).
-    recent: HashMap<String, Vec<(String, Key, bool)>>,
+    recent: HashMap<String, Vec<(u32, bool)>>,
     recent_order: VecDeque<String>,
     /// Calls seen per app, and the models each app has used.
     app_calls: HashMap<String, u64>,
@@ -328,7 +352,10 @@ impl DriftEngine {
         DriftEngine {
             cfg,
             configs,
-            detectors: HashMap::new(),
+            key_ids: HashMap::new(),
+            keys: Vec::new(),
+            detectors: Vec::new(),
+            scratch: String::new(),
             active: BTreeMap::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
@@ -398,8 +425,16 @@ impl DriftEngine {
 
     /// Every detector's window statistics, sorted by key and signal.
     pub fn window_stats(&self) -> Vec<(Key, &'static str, super::detect::WindowStats)> {
-        let mut out: Vec<_> =
-            self.detectors.iter().map(|((k, i), d)| (k.clone(), SIGNALS[*i].name, d.window_stats())).collect();
+        let mut out: Vec<_> = self
+            .detectors
+            .iter()
+            .zip(&self.keys)
+            .flat_map(|(ds, k)| {
+                ds.iter()
+                    .enumerate()
+                    .filter_map(move |(i, d)| Some((k.clone(), SIGNALS[i].name, d.as_ref()?.window_stats())))
+            })
+            .collect();
         out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         out
     }
@@ -417,35 +452,34 @@ impl DriftEngine {
                 if r.judge_call {
                     return out;
                 }
-                let keys = [
-                    Key { app: r.app.clone(), route: r.route.clone(), model: r.model.clone(), judge: String::new() },
-                    Key { app: r.app.clone(), route: "*".into(), model: "*".into(), judge: String::new() },
-                ];
+                let keys = [self.key_id(&r.app, &r.route, &r.model, ""), self.key_id(&r.app, "*", "*", "")];
                 let path = if r.tool_calls.is_empty() { "(none)".to_owned() } else { r.tool_calls.join(">") };
-                for key in &keys {
-                    self.feed(key, "error_rate", Obs::Flag(r.failed), &mut out);
+                for key in keys.into_iter().flatten() {
+                    self.feed(key, idx::ERROR_RATE, Obs::Flag(r.failed), &mut out);
                     if r.failed {
                         continue;
                     }
-                    self.feed(key, "latency_ms", Obs::Value(r.duration_ms), &mut out);
+                    self.feed(key, idx::LATENCY_MS, Obs::Value(r.duration_ms), &mut out);
                     if let Some(ttft) = r.ttft_ms {
-                        self.feed(key, "ttft_ms", Obs::Value(ttft), &mut out);
+                        self.feed(key, idx::TTFT_MS, Obs::Value(ttft), &mut out);
                     }
-                    self.feed(key, "cost_per_call", Obs::Value(r.cost_usd), &mut out);
-                    self.feed(key, "input_tokens", Obs::Value(r.input_tokens as f64), &mut out);
-                    self.feed(key, "output_tokens", Obs::Value(r.output_tokens as f64), &mut out);
+                    self.feed(key, idx::COST_PER_CALL, Obs::Value(r.cost_usd), &mut out);
+                    self.feed(key, idx::INPUT_TOKENS, Obs::Value(r.input_tokens as f64), &mut out);
+                    self.feed(key, idx::OUTPUT_TOKENS, Obs::Value(r.output_tokens as f64), &mut out);
                     if !r.finish_reason.is_empty() {
-                        self.feed(key, "finish_reason_mix", Obs::Category(&r.finish_reason), &mut out);
+                        self.feed(key, idx::FINISH_REASON_MIX, Obs::Category(&r.finish_reason), &mut out);
                     }
                     if let Some(refused) = r.refused {
-                        self.feed(key, "refusal_rate", Obs::Flag(refused), &mut out);
+                        self.feed(key, idx::REFUSAL_RATE, Obs::Flag(refused), &mut out);
                     }
-                    self.feed(key, "tool_call_rate", Obs::Flag(!r.tool_calls.is_empty()), &mut out);
-                    self.feed(key, "tool_path_mix", Obs::Category(&path), &mut out);
+                    self.feed(key, idx::TOOL_CALL_RATE, Obs::Flag(!r.tool_calls.is_empty()), &mut out);
+                    self.feed(key, idx::TOOL_PATH_MIX, Obs::Category(&path), &mut out);
                 }
                 if !r.model.is_empty() {
                     self.note_model(&r.app, &r.model);
-                    self.feed(&keys[1], "model_mix", Obs::Category(&r.model), &mut out);
+                    if let Some(app) = keys[1] {
+                        self.feed(app, idx::MODEL_MIX, Obs::Category(&r.model), &mut out);
+                    }
                 }
             }
             Input::Verdict(v) => {
@@ -453,21 +487,17 @@ impl DriftEngine {
                     return out;
                 }
                 let keys = [
-                    Key {
-                        app: v.app.clone(),
-                        route: v.route.clone(),
-                        model: v.request_model.clone(),
-                        judge: v.judge.clone(),
-                    },
-                    Key { app: v.app.clone(), route: "*".into(), model: "*".into(), judge: v.judge.clone() },
+                    self.key_id(&v.app, &v.route, &v.request_model, &v.judge),
+                    self.key_id(&v.app, "*", "*", &v.judge),
                 ];
-                for key in &keys {
-                    self.feed(key, "judge_pass_rate", Obs::Flag(v.passed == 1), &mut out);
+                for key in keys.into_iter().flatten() {
+                    self.feed(key, idx::JUDGE_PASS_RATE, Obs::Flag(v.passed == 1), &mut out);
                     if v.judge_kind == "llm" {
-                        self.feed(key, "judge_score", Obs::Value(v.score), &mut out);
-                        self.feed(key, "needs_review_rate", Obs::Flag(v.needs_review == 1), &mut out);
+                        self.feed(key, idx::JUDGE_SCORE, Obs::Value(v.score), &mut out);
+                        self.feed(key, idx::NEEDS_REVIEW_RATE, Obs::Flag(v.needs_review == 1), &mut out);
                     }
                 }
+                let Some(app_key) = keys[1] else { return out };
                 let entry = self.recent.entry(v.trace_id.clone()).or_default();
                 if entry.is_empty() {
                     self.recent_order.push_back(v.trace_id.clone());
@@ -478,36 +508,59 @@ impl DriftEngine {
                     }
                 }
                 if let Some(e) = self.recent.get_mut(&v.trace_id) {
-                    e.push((v.judge.clone(), keys[1].clone(), v.passed == 1));
+                    e.push((app_key, v.passed == 1));
                 }
             }
             Input::Feedback(f) => {
                 let Some(verdicts) = self.recent.get(&f.trace_id).cloned() else { return out };
                 let human = human_pass(f);
-                for (_, key, passed) in verdicts {
-                    self.feed(&key, "judge_human_agreement", Obs::Flag(passed == human), &mut out);
+                for (key, passed) in verdicts {
+                    self.feed(key, idx::JUDGE_HUMAN_AGREEMENT, Obs::Flag(passed == human), &mut out);
                 }
             }
         }
         out
     }
 
-    fn feed(&mut self, key: &Key, name: &'static str, obs: Obs<'_>, out: &mut Vec<DriftEventRecord>) {
-        let Some((idx, s)) = signal(name) else { return };
+    /// The id of a key, allocating one on first sight; `None` once `max_detectors` keys
+    /// are tracked (the observation is counted as untracked).
+    fn key_id(&mut self, app: &str, route: &str, model: &str, judge: &str) -> Option<u32> {
+        self.scratch.clear();
+        for (i, part) in [app, route, model, judge].into_iter().enumerate() {
+            if i > 0 {
+                self.scratch.push('\u{1f}');
+            }
+            self.scratch.push_str(part);
+        }
+        if let Some(&id) = self.key_ids.get(self.scratch.as_str()) {
+            return Some(id);
+        }
+        if self.keys.len() >= self.cfg.max_detectors {
+            self.stats.untracked += 1;
+            return None;
+        }
+        let id = self.keys.len() as u32;
+        self.key_ids.insert(self.scratch.clone(), id);
+        self.keys.push(Key { app: app.into(), route: route.into(), model: model.into(), judge: judge.into() });
+        self.detectors.push((0..SIGNALS.len()).map(|_| None).collect());
+        Some(id)
+    }
+
+    fn feed(&mut self, key: u32, idx: usize, obs: Obs<'_>, out: &mut Vec<DriftEventRecord>) {
         let Some(cfg) = &self.configs[idx] else { return };
         self.stats.observations += 1;
-        let id = (key.clone(), idx);
-        if !self.detectors.contains_key(&id) {
-            if self.detectors.len() >= self.cfg.max_detectors {
+        let Some(slot) = self.detectors.get_mut(key as usize).and_then(|d| d.get_mut(idx)) else { return };
+        if slot.is_none() {
+            if self.stats.detectors as usize >= self.cfg.max_detectors {
                 self.stats.untracked += 1;
                 return;
             }
-            self.detectors.insert(id.clone(), Detector::new(s.kind, cfg.clone()));
+            *slot = Some(Detector::new(SIGNALS[idx].kind, cfg.clone()));
             self.stats.detectors += 1;
         }
-        let Some(d) = self.detectors.get_mut(&id) else { return };
-        let Some(t) = d.observe(obs) else { return };
-        out.push(self.event(key, s, &t));
+        let Some(t) = slot.as_mut().and_then(|d| d.observe(obs)) else { return };
+        let key = self.keys[key as usize].clone();
+        out.push(self.event(&key, &SIGNALS[idx], &t));
         self.stats.events += 1;
     }
 
@@ -693,6 +746,31 @@ mod tests {
         let f = firing(&events);
         assert!(f.iter().any(|(s, _, c)| s == "judge_human_agreement" && c == "intent_judge"), "{f:?}");
         assert!(f.iter().all(|(s, _, _)| s == "judge_human_agreement"), "{f:?}");
+    }
+
+    #[test]
+    fn signal_indices_name_their_signals() {
+        let named = [
+            (idx::ERROR_RATE, "error_rate"),
+            (idx::LATENCY_MS, "latency_ms"),
+            (idx::TTFT_MS, "ttft_ms"),
+            (idx::COST_PER_CALL, "cost_per_call"),
+            (idx::INPUT_TOKENS, "input_tokens"),
+            (idx::OUTPUT_TOKENS, "output_tokens"),
+            (idx::FINISH_REASON_MIX, "finish_reason_mix"),
+            (idx::REFUSAL_RATE, "refusal_rate"),
+            (idx::MODEL_MIX, "model_mix"),
+            (idx::TOOL_CALL_RATE, "tool_call_rate"),
+            (idx::TOOL_PATH_MIX, "tool_path_mix"),
+            (idx::JUDGE_PASS_RATE, "judge_pass_rate"),
+            (idx::JUDGE_SCORE, "judge_score"),
+            (idx::NEEDS_REVIEW_RATE, "needs_review_rate"),
+            (idx::JUDGE_HUMAN_AGREEMENT, "judge_human_agreement"),
+        ];
+        assert_eq!(named.len(), SIGNALS.len());
+        for (i, name) in named {
+            assert_eq!(SIGNALS[i].name, name);
+        }
     }
 
     #[test]

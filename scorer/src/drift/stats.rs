@@ -590,9 +590,41 @@ pub fn normal_score(sorted_ref: &[f64], x: f64) -> f64 {
         return 0.0;
     }
     let lt = sorted_ref.partition_point(|&v| v < x);
-    let le = sorted_ref.partition_point(|&v| v <= x);
+    // Continuous values rarely tie: one comparison settles `le` then.
+    let le = if sorted_ref.get(lt).is_some_and(|&v| v <= x) {
+        lt + sorted_ref[lt..].partition_point(|&v| v <= x)
+    } else {
+        lt
+    };
     let u = (lt as f64 + 0.5 * (le - lt) as f64 + 0.5) / (n as f64 + 1.0);
     normal_quantile(u)
+}
+
+/// Replaces one copy of `old` in the ascending `sorted` by `new`, keeping it ascending, by
+/// shifting only the values between the two positions (a sliding baseline's one-in,
+/// one-out step, which would otherwise move half the vector twice). Without `old`, `new`
+/// is inserted.
+pub fn replace_sorted(sorted: &mut Vec<f64>, old: f64, new: f64) {
+    let i = sorted.partition_point(|&v| v < old);
+    if sorted.get(i) != Some(&old) {
+        let at = sorted.partition_point(|&v| v < new);
+        sorted.insert(at, new);
+        return;
+    }
+    if new >= old {
+        // Insertion point counted with `old` still at `i`.
+        let j = i + sorted[i..].partition_point(|&v| v < new);
+        if j > i {
+            sorted.copy_within(i + 1..j, i);
+            sorted[j - 1] = new;
+        } else {
+            sorted[i] = new;
+        }
+    } else {
+        let j = sorted[..i].partition_point(|&v| v < new);
+        sorted.copy_within(j..i, j + 1);
+        sorted[j] = new;
+    }
 }
 
 /// Median of an ascending sample (mean of the two middle values for even sizes); NaN when
@@ -888,6 +920,34 @@ mod tests {
         assert!(0.2 * up + 0.8 * down > 0.0);
         assert_eq!(cusum_update(1.0, -3.0), 0.0);
         assert_eq!(cusum_update(1.0, 0.5), 1.5);
+    }
+
+    #[test]
+    fn replace_sorted_equals_remove_then_insert() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 20) as f64 // few values: many ties
+        };
+        let mut fast: Vec<f64> = (0..50).map(|_| next()).collect();
+        fast.sort_by(f64::total_cmp);
+        let mut slow = fast.clone();
+        for _ in 0..2000 {
+            let old = fast[(next() as usize * 7) % fast.len()];
+            let new = next() + 0.5 * f64::from(u8::from(next() > 10.0));
+            replace_sorted(&mut fast, old, new);
+            let at = slow.iter().position(|&v| v == old).unwrap();
+            slow.remove(at);
+            let at = slow.partition_point(|&v| v < new);
+            slow.insert(at, new);
+            assert_eq!(fast, slow);
+        }
+        // Not present: inserted.
+        let mut v = vec![1.0, 3.0];
+        replace_sorted(&mut v, 2.0, 0.0);
+        assert_eq!(v, [0.0, 1.0, 3.0]);
     }
 
     #[test]
