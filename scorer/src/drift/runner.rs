@@ -234,7 +234,7 @@ pub fn spawn_drift(
                 };
                 let Some(input) = input else { break };
                 let mut events = engine.observe(&input);
-                while events.len() < 256 {
+                for _ in 1..1024 {
                     match rx.try_recv() {
                         Ok(i) => events.extend(engine.observe(&i)),
                         Err(_) => break,
@@ -243,6 +243,9 @@ pub fn spawn_drift(
                 if !events.is_empty() {
                     emitter.emit(&events, &engine.active());
                 }
+                // Let inputs gather rather than be woken for each one (as the recorder
+                // does); drift needs no millisecond latency.
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
             emitter.close().await;
         })
