@@ -41,9 +41,13 @@ pub fn webhook_client(cfg: &ValidatedConfig) -> anyhow::Result<Option<llmtap_sco
     Ok(Some(crate::upstream::build_client(&cfg.raw.client, cfg.connect_timeout)?))
 }
 
-/// `llmtap drift`: polls ClickHouse (once with `once`) until `shutdown`, and ships its events
-/// back through its own local log.
-pub async fn run(cfg: ValidatedConfig, once: bool, shutdown: impl Future<Output = ()>) -> anyhow::Result<FleetSummary> {
+/// `llmtap drift`: polls ClickHouse until `shutdown` (or `polls` times), and ships its
+/// events back through its own local log.
+pub async fn run(
+    cfg: ValidatedConfig,
+    polls: Option<u64>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<FleetSummary> {
     let ch = cfg
         .clickhouse
         .clone()
@@ -65,7 +69,7 @@ pub async fn run(cfg: ValidatedConfig, once: bool, shutdown: impl Future<Output 
         &fetch,
         webhook_client(&cfg)?,
         Vec::new(),
-        once,
+        polls,
         shutdown,
     )
     .await
@@ -94,7 +98,7 @@ pub fn spawn_in_serve(
             let stop = async {
                 let _ = stop_rx.await;
             };
-            match run_fleet(&data_dir, log, drift, &ch.database, &fetch, client, observers, false, stop).await {
+            match run_fleet(&data_dir, log, drift, &ch.database, &fetch, client, observers, None, stop).await {
                 Ok(s) => tracing::info!(
                     polls = s.polls,
                     failed_polls = s.failed_polls,

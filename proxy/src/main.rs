@@ -110,9 +110,12 @@ enum Command {
     Drift {
         #[command(flatten)]
         common: Common,
-        /// Poll once, write the events and exit.
+        /// Poll once, write the events and exit (`--polls 1`).
         #[arg(long)]
         once: bool,
+        /// Poll this many times (at `drift.clickhouse.poll_interval_secs`), then exit.
+        #[arg(long)]
+        polls: Option<u64>,
         /// Print every key's window statistics of the last poll (JSON lines) at exit.
         #[arg(long)]
         stats: bool,
@@ -230,12 +233,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
-        Command::Drift { common, once, stats } => {
+        Command::Drift { common, once, polls, stats } => {
             let (cfg, env) = load(&common, None, None)?;
             let validated = cfg.validate(&env)?;
             init_tracing(&validated.raw.log_level);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
-            let summary = rt.block_on(drift::run(validated, once, server::shutdown_signal()))?;
+            let polls = if once { Some(1) } else { polls };
+            let summary = rt.block_on(drift::run(validated, polls, server::shutdown_signal()))?;
             if stats {
                 for (key, signal, st) in &summary.stats {
                     let line = serde_json::json!({

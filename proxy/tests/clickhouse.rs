@@ -637,7 +637,11 @@ fn the_clickhouse_source_computes_the_in_memory_statistics() {
     let cfg_path = dir.path().join("llmtap.toml");
     std::fs::write(
         &cfg_path,
-        format!("data_dir = {:?}\n[clickhouse]\nurl = \"{}\"\n{drift}", dir.path().join("data"), ch.url()),
+        format!(
+            "data_dir = {:?}\n[clickhouse]\nurl = \"{}\"\n[drift.clickhouse]\npoll_interval_secs = 1\n{drift}",
+            dir.path().join("data"),
+            ch.url()
+        ),
     )
     .unwrap();
     let run = |args: &[&str]| {
@@ -647,7 +651,7 @@ fn the_clickhouse_source_computes_the_in_memory_statistics() {
         assert!(out.status.success(), "{args:?}: {stderr}");
         if args[0] == "drift" {
             let summary: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-            assert_eq!((&summary["polls"], &summary["failed_queries"]), (&json!(1), &json!(0)), "{stderr}");
+            assert_eq!((&summary["polls"], &summary["failed_queries"]), (&json!(2), &json!(0)), "{stderr}");
         }
         stdout
     };
@@ -659,7 +663,9 @@ fn the_clickhouse_source_computes_the_in_memory_statistics() {
 
     // The ClickHouse source, through the binary.
     let mut fleet = std::collections::BTreeMap::new();
-    for line in run(&["drift", "--once", "--stats"]).lines().filter(|l| l.contains("\"stats\"")) {
+    // Two polls: the second reads only what each key with a full baseline still needs
+    // (rows from the oldest one its windows used), and must see the same windows.
+    for line in run(&["drift", "--polls", "2", "--stats"]).lines().filter(|l| l.contains("\"stats\"")) {
         let v: Value = serde_json::from_str(line).unwrap();
         let key: Vec<String> =
             ["signal", "app", "route", "model", "judge"].iter().map(|k| v[k].as_str().unwrap().to_owned()).collect();
@@ -680,6 +686,9 @@ fn the_clickhouse_source_computes_the_in_memory_statistics() {
         };
         fleet.insert(key, st);
     }
+
+    let bounded = ch.statements().unwrap().iter().filter(|q| q.contains(") WHERE t >= transform(concat(a")).count();
+    assert!(bounded >= 10, "the second poll's queries read from per-key bounds ({bounded})");
 
     // The in-memory source, fed the same rows in time order.
     #[derive(serde::Deserialize)]

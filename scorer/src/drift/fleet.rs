@@ -131,25 +131,28 @@ fn observations(name: &str, db: &str, from_ms: i64, upto_ms: i64) -> Option<Stri
 /// The windowing every signal shares: rank each key's observations newest first and mark
 /// the current window (`cur`), the baseline (`base`, pinned before `pin` while firing) and
 /// the observations since the last poll (`t > cursor`).
-fn windowed(obs: &str, cfg: &DetectorConfig, pins: &[(String, i64)]) -> String {
+fn windowed(obs: &str, cfg: &DetectorConfig, pins: &[(String, i64)], bounds: &[(String, i64)]) -> String {
     let (w, b) = (cfg.current_window, cfg.baseline_max);
-    let pin = if pins.is_empty() {
-        format!("toInt64({UNPINNED})")
-    } else {
-        let keys: Vec<String> = pins.iter().map(|(k, _)| sql_str(k)).collect();
-        let at: Vec<String> = pins.iter().map(|(_, t)| format!("toInt64({t})")).collect();
+    let per_key = |list: &[(String, i64)], default: i64| {
+        if list.is_empty() {
+            return format!("toInt64({default})");
+        }
+        let keys: Vec<String> = list.iter().map(|(k, _)| sql_str(k)).collect();
+        let at: Vec<String> = list.iter().map(|(_, t)| format!("toInt64({t})")).collect();
         format!(
-            "transform(concat(a, '\\x1f', r, '\\x1f', m, '\\x1f', j), [{}], [{}], toInt64({UNPINNED}))",
+            "transform(concat(a, '\\x1f', r, '\\x1f', m, '\\x1f', j), [{}], [{}], toInt64({default}))",
             keys.join(", "),
             at.join(", ")
         )
     };
+    let (pin, bound) = (per_key(pins, UNPINNED), per_key(bounds, 0));
+    let keep = if bounds.is_empty() { String::new() } else { format!(" WHERE t >= {bound}") };
     format!(
         "SELECT *, rn <= {w} AS cur, rn > {w} AND t < pin AND brn <= {b} + if(pin = {UNPINNED}, {w}, 0) AS base \
          FROM (SELECT *, \
            row_number() OVER (PARTITION BY a, r, m, j ORDER BY t DESC, id DESC) AS rn, \
            row_number() OVER (PARTITION BY a, r, m, j, t < pin ORDER BY t DESC, id DESC) AS brn \
-         FROM (SELECT *, {pin} AS pin FROM ({obs})))"
+         FROM (SELECT *, {pin} AS pin FROM ({obs}){keep}))"
     )
 }
 
@@ -161,12 +164,13 @@ pub fn signal_query(
     window_ms: (i64, i64),
     cursor: i64,
     pins: &[(String, i64)],
+    bounds: &[(String, i64)],
 ) -> Option<String> {
     let (_, s) = signal(name)?;
-    let win = windowed(&observations(name, db, window_ms.0, window_ms.1)?, cfg, pins);
+    let win = windowed(&observations(name, db, window_ms.0, window_ms.1)?, cfg, pins, bounds);
     let common = format!(
         "countIf(cur) AS cn, countIf(base) AS bn, countIf(t > {cursor}) AS new_n, \
-         minIf(t, cur) AS cur_start, max(t) AS last_t"
+         minIf(t, cur) AS cur_start, max(t) AS last_t, minIf(t, cur OR base) AS first_t"
     );
     let rows = format!("FROM ({win}) WHERE cur OR base OR t > {cursor} GROUP BY a, r, m, j");
     let mut sql = String::new();
@@ -192,7 +196,7 @@ pub fn signal_query(
             };
             let _ = write!(
                 sql,
-                "SELECT a, r, m, j, cn, bn, new_n, cur_start, last_t, \
+                "SELECT a, r, m, j, cn, bn, new_n, cur_start, last_t, first_t, \
                    arrayMap(i -> countEqual(arrayMap(v -> {bin}, bs), i), range(nbins)) AS base_bins, \
                    arrayMap(i -> countEqual(arrayMap(v -> {bin}, cs), i), range(nbins)) AS cur_bins, \
                    {bmed} AS base_median, {cmed} AS cur_median, base_mean, cur_mean, \
@@ -215,9 +219,10 @@ pub fn signal_query(
             let _ = write!(
                 sql,
                 "SELECT a, r, m, j, sum(xc) AS cn, sum(xb) AS bn, sum(xn) AS new_n, \
-                   minIf(xs, xc > 0) AS cur_start, max(xt) AS last_t, groupArray((x, xb, xc)) AS cats \
+                   minIf(xs, xc > 0) AS cur_start, max(xt) AS last_t, minIf(xf, xc + xb > 0) AS first_t, \
+                   groupArray((x, xb, xc)) AS cats \
                  FROM (SELECT a, r, m, j, x, countIf(cur) AS xc, countIf(base) AS xb, countIf(t > {cursor}) AS xn, \
-                   minIf(t, cur) AS xs, max(t) AS xt {rows}, x) GROUP BY a, r, m, j"
+                   minIf(t, cur) AS xs, max(t) AS xt, minIf(t, cur OR base) AS xf {rows}, x) GROUP BY a, r, m, j"
             );
         }
     }
@@ -237,6 +242,8 @@ pub struct FleetRow {
     pub new_n: u64,
     pub cur_start: i64,
     pub last_t: i64,
+    /// The oldest observation either window used.
+    pub first_t: i64,
     pub chits: u64,
     pub bhits: u64,
     pub new_flags: Vec<u8>,
@@ -475,6 +482,11 @@ pub struct FleetEngine {
     cursors: Vec<Option<i64>>,
     /// Window statistics of the last poll, for `llmtap drift --stats`.
     pub last_stats: BTreeMap<(Key, &'static str), WindowStats>,
+    /// Per signal, per key with a full baseline: the oldest observation its windows used
+    /// last poll. Windows only move forward, so older rows are never needed again and the
+    /// next poll ranks only what is newer (see `queries`). The flag: every key had a full
+    /// baseline, so nothing older than the oldest bound needs reading at all.
+    bounds: Vec<(Vec<(String, i64)>, bool)>,
 }
 
 /// The order signals are polled in: whatever can say "the model moved" comes before the
@@ -493,6 +505,7 @@ impl FleetEngine {
             detectors: HashMap::new(),
             cursors: vec![None; SIGNALS.len()],
             last_stats: BTreeMap::new(),
+            bounds: vec![(Vec::new(), false); SIGNALS.len()],
         }
     }
 
@@ -513,7 +526,14 @@ impl FleetEngine {
                     .collect();
                 // Before the first poll nothing is "new": the CUSUM starts from now.
                 let cursor = self.cursors[i].unwrap_or(upto);
-                signal_query(SIGNALS[i].name, db, cfg, (from, upto), cursor, &pins).map(|q| (i, q))
+                // Read from the oldest row any known key still needs; a key that appeared
+                // since has only newer rows.
+                let (bounds, all_full) = &self.bounds[i];
+                let from = match bounds.iter().map(|b| b.1).min() {
+                    Some(oldest) if *all_full => oldest.max(from),
+                    _ => from,
+                };
+                signal_query(SIGNALS[i].name, db, cfg, (from, upto), cursor, &pins, bounds).map(|q| (i, q))
             })
             .collect()
     }
@@ -543,6 +563,11 @@ impl FleetEngine {
             }
         }
         self.cursors[idx] = newest.or(self.cursors[idx]);
+        let full = |r: &&FleetRow| r.bn as usize >= cfg.baseline_max;
+        self.bounds[idx] = (
+            rows.iter().filter(full).map(|r| (key_string(&r.key()), r.first_t)).collect(),
+            !rows.is_empty() && rows.iter().all(|r| full(&r)),
+        );
         self.engine.stats.detectors = self.detectors.len() as u64;
         out
     }

@@ -274,8 +274,8 @@ pub struct FleetSummary {
     pub stats: Vec<(Key, &'static str, WindowStats)>,
 }
 
-/// The ClickHouse source: polls `db` every `drift.clickhouse.poll_interval_secs` (once with
-/// `once`) until `shutdown`, writing events as the in-memory source does.
+/// The ClickHouse source: polls `db` every `drift.clickhouse.poll_interval_secs` until
+/// `shutdown` (or `polls` times), writing events as the in-memory source does.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_fleet(
     data_dir: &Path,
@@ -285,7 +285,7 @@ pub async fn run_fleet(
     fetch: &dyn FleetFetch,
     client: Option<HttpClient>,
     observers: Vec<Box<dyn DriftObserver>>,
-    once: bool,
+    polls: Option<u64>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<FleetSummary> {
     let stats = Arc::new(DriftStats::default());
@@ -345,7 +345,7 @@ pub async fn run_fleet(
             }
         }
         emitter.resend(Instant::now(), &mut resent);
-        if once {
+        if polls.is_some_and(|n| summary.polls + summary.failed_polls >= n) {
             break;
         }
         tokio::select! {
