@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink};
+use llmtap_ingest::sink::clickhouse::ClickHouseSink;
 use llmtap_scorer::drift::runner::{run_fleet, DriftObserver, FleetFetch, FleetSummary};
 
 use crate::config::ValidatedConfig;
@@ -16,20 +16,7 @@ pub struct ClickHouseFetch(pub Arc<ClickHouseSink>);
 
 impl FleetFetch for ClickHouseFetch {
     fn fetch(&self, sql: String) -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send + '_>> {
-        Box::pin(async move {
-            let bytes = self
-                .0
-                .client()
-                .clone()
-                .with_setting("output_format_json_quote_64bit_integers", "0")
-                .query(&sql)
-                .fetch_bytes("JSONEachRow")
-                .map_err(|e| e.to_string())?
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(String::from_utf8_lossy(&bytes).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
-        })
+        Box::pin(async move { self.0.json_lines(&sql).await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -52,14 +39,7 @@ pub async fn run(
         .clickhouse
         .clone()
         .ok_or_else(|| anyhow::anyhow!("llmtap drift reads the fleet's rows from ClickHouse: set clickhouse.url"))?;
-    let sink = Arc::new(ClickHouseSink::new(&ch));
-    service::prepare(sink.clone()).await.map_err(|e| anyhow::anyhow!("clickhouse {}: {e}", ch.url))?;
-    let shipper = spawn_shipper(
-        sink.clone(),
-        cfg.raw.data_dir.clone(),
-        crate::server::shipper_settings(&cfg, &ch),
-        service::prepare,
-    )?;
+    let (sink, shipper) = crate::server::clickhouse_job(&cfg, &ch).await?;
     let fetch = ClickHouseFetch(sink);
     let summary = run_fleet(
         &cfg.raw.data_dir,

@@ -12,11 +12,11 @@
 //! - The engine's queue applies backpressure here: a pass waits for judges rather than
 //!   dropping calls, unlike `serve`, where the request path never waits.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use llmtap_ingest::record::{ts_format, TraceRecord};
-use llmtap_ingest::sink::clickhouse::{service, spawn_shipper, ClickHouseSink};
+use llmtap_ingest::sink::clickhouse::service::quote;
+use llmtap_ingest::sink::clickhouse::ClickHouseSink;
 use llmtap_scorer::runner::{pick, spawn_engine, verdict_key, VerdictCache};
 use serde::Deserialize;
 
@@ -66,12 +66,8 @@ pub struct ScoreSummary {
     pub already_judged: u64,
 }
 
-fn sql_str(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
 fn ts_sql(t: SystemTime) -> String {
-    format!("toDateTime64({}, 3, 'UTC')", sql_str(&ts_format::format(t)))
+    format!("toDateTime64({}, 3, 'UTC')", quote(&ts_format::format(t)))
 }
 
 #[derive(Deserialize)]
@@ -83,15 +79,7 @@ struct Key {
 }
 
 async fn fetch_lines(sink: &ClickHouseSink, sql: &str) -> anyhow::Result<Vec<String>> {
-    let bytes = sink
-        .client()
-        .clone()
-        .with_setting("output_format_json_quote_64bit_integers", "0")
-        .query(sql)
-        .fetch_bytes("JSONEachRow")?
-        .collect()
-        .await?;
-    Ok(String::from_utf8_lossy(&bytes).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
+    sink.json_lines(sql).await.map_err(|e| anyhow::anyhow!("clickhouse: {e}"))
 }
 
 /// Runs until `shutdown` resolves (or after one pass with `once`).
@@ -107,8 +95,7 @@ pub async fn run(
     if cfg.judges.is_empty() {
         anyhow::bail!("no [[judge]] or [[intent]] in the config: nothing to score with");
     }
-    let sink = Arc::new(ClickHouseSink::new(&ch));
-    service::prepare(sink.clone()).await.map_err(|e| anyhow::anyhow!("clickhouse {}: {e}", ch.url))?;
+    let (sink, shipper) = crate::server::clickhouse_job(&cfg, &ch).await?;
     let db = &ch.database;
     let shard_cond = format!("cityHash64(trace_id) % {} = {}", args.shard.count, args.shard.index);
     let start = SystemTime::now() - args.since;
@@ -129,12 +116,6 @@ pub async fn run(
     }
     tracing::info!(shard = ?args.shard, verdicts_known = known.len() + local, "scoring calls from clickhouse");
 
-    let shipper = spawn_shipper(
-        sink.clone(),
-        cfg.raw.data_dir.clone(),
-        crate::server::shipper_settings(&cfg, &ch),
-        service::prepare,
-    )?;
     let setup = crate::server::scorer_setup(&cfg, Vec::new(), cache)?;
     let (jobs, engine) = spawn_engine(&cfg.raw.data_dir, cfg.raw.log.clone(), setup)?;
     let mut summary =
@@ -152,10 +133,10 @@ pub async fn run(
                      AND (ts, trace_id, span_id) > ({c0}, {c1}, {c2}) \
                      ORDER BY ts, trace_id, span_id LIMIT {limit}",
                     from = ts_sql(from),
-                    tag = sql_str(llmtap_scorer::llm::JUDGE_TAG),
+                    tag = quote(llmtap_scorer::llm::JUDGE_TAG),
                     c0 = cursor.0,
-                    c1 = sql_str(&cursor.1),
-                    c2 = sql_str(&cursor.2),
+                    c1 = quote(&cursor.1),
+                    c2 = quote(&cursor.2),
                     limit = args.page_rows,
                 );
                 let rows = fetch_lines(&sink, &sql).await?;

@@ -269,6 +269,18 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
 }
 
 /// How the shipper batches and retries, from `[clickhouse]` and `[log]`.
+/// For the jobs that read ClickHouse (`llmtap score`, `llmtap drift`): the schema prepared
+/// now (they cannot start without it), and a shipper for what they write to the local log.
+pub async fn clickhouse_job(
+    cfg: &ValidatedConfig,
+    ch: &ValidatedClickHouse,
+) -> anyhow::Result<(Arc<ClickHouseSink>, llmtap_ingest::sink::clickhouse::ShipperHandle)> {
+    let sink = Arc::new(ClickHouseSink::new(ch));
+    service::prepare(sink.clone()).await.map_err(|e| anyhow::anyhow!("clickhouse {}: {e}", ch.url))?;
+    let shipper = spawn_shipper(sink.clone(), cfg.raw.data_dir.clone(), shipper_settings(cfg, ch), service::prepare)?;
+    Ok((sink, shipper))
+}
+
 pub fn shipper_settings(cfg: &ValidatedConfig, ch: &ValidatedClickHouse) -> ShipperSettings {
     ShipperSettings {
         batch_max_rows: ch.batch_max_rows,

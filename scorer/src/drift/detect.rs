@@ -932,13 +932,7 @@ impl Detector {
     /// least `critical_odds_ratio` either way (half-count smoothing keeps empty counts
     /// finite).
     fn rate_severity(&self, hits: u64, n: u64) -> Severity {
-        let odds = |hits: u64, n: u64| (hits as f64 + 0.5) / ((n - hits.min(n)) as f64 + 0.5);
-        let ratio = odds(hits, n) / odds(self.base_hits, self.baseline.len() as u64);
-        if ratio.max(1.0 / ratio) >= self.cfg.critical_odds_ratio {
-            Severity::Critical
-        } else {
-            Severity::Warning
-        }
+        rate_severity(&self.cfg, (self.base_hits, self.baseline.len() as u64), (hits, n))
     }
 
     fn numeric_severity(&self, mean_score: f64) -> Severity {
@@ -1020,11 +1014,7 @@ impl Detector {
     fn evaluate_rate(&self) -> WindowEval {
         let (nb, nc) = (self.baseline.len() as u64, self.current.len() as u64);
         let z = stats::two_proportion_z(self.base_hits, nb, self.cur_hits, nc).z;
-        let bad_z = match self.cfg.bad_direction {
-            BadDirection::Up => z,
-            BadDirection::Down => -z,
-            BadDirection::Both => z.abs(),
-        };
+        let bad_z = bad_side(self.cfg.bad_direction, z);
         let fire = self.cfg.z_fire.filter(|&t| bad_z >= t).map(|t| ("z_test", bad_z, t));
         let severity = self.rate_severity(self.cur_hits, nc);
         let base_rate = ratio_or_nan(self.base_hits, nb);
@@ -1093,12 +1083,11 @@ impl Detector {
     fn evaluate_categorical(&self) -> WindowEval {
         let js = stats::js_distance(&self.base_counts, &self.cur_counts);
         let chi = stats::chi_square_homogeneity(&self.base_counts, &self.cur_counts);
-        let fire = self.cfg.js_fire.filter(|&t| js >= t && chi.p_value <= self.cfg.chi2_fire_p).map(|t| ("js", js, t));
+        let (fire, calm, severity) = mix_decision(&self.cfg, js, chi.p_value);
         let (category, base_share, cur_share) = self.most_moved_category();
-        let severity = if js >= self.cfg.critical_js { Severity::Critical } else { Severity::Warning };
         WindowEval {
             fire,
-            calm: js < self.cfg.js_resolve || chi.p_value > self.cfg.chi2_resolve_p,
+            calm,
             suspicious: chi.p_value <= 2.0 * stats::normal_sf(self.cfg.hold_z),
             resolve: ("js", js, self.cfg.js_resolve),
             severity,
@@ -1214,6 +1203,39 @@ impl Detector {
 /// median a handful of values.
 const MIN_RATE_SEGMENT: usize = 30;
 const MIN_NUMERIC_SEGMENT: usize = 5;
+
+// The decisions both sources share: the in-memory detector and the ClickHouse source
+// (`super::fleet`) take the same windowed statistics through these.
+
+/// A windowed statistic signed so that the bad direction is positive.
+pub fn bad_side(dir: BadDirection, z: f64) -> f64 {
+    match dir {
+        BadDirection::Up => z,
+        BadDirection::Down => -z,
+        BadDirection::Both => z.abs(),
+    }
+}
+
+/// `Critical` when the odds of the current rate differ from the baseline's by at least
+/// `critical_odds_ratio` either way (half-count smoothing keeps empty counts finite).
+/// Arguments are (hits, observations).
+pub fn rate_severity(cfg: &DetectorConfig, base: (u64, u64), cur: (u64, u64)) -> Severity {
+    let odds = |(hits, n): (u64, u64)| (hits as f64 + 0.5) / ((n - hits.min(n)) as f64 + 0.5);
+    let ratio = odds(cur) / odds(base);
+    if ratio.max(1.0 / ratio) >= cfg.critical_odds_ratio {
+        Severity::Critical
+    } else {
+        Severity::Warning
+    }
+}
+
+/// A mix's windowed decision: (fire as (method, statistic, threshold), calm, severity).
+pub fn mix_decision(cfg: &DetectorConfig, js: f64, chi2_p: f64) -> (Option<(&'static str, f64, f64)>, bool, Severity) {
+    let fire = cfg.js_fire.filter(|&t| js >= t && chi2_p <= cfg.chi2_fire_p).map(|t| ("js", js, t));
+    let calm = js < cfg.js_resolve || chi2_p > cfg.chi2_resolve_p;
+    let severity = if js >= cfg.critical_js { Severity::Critical } else { Severity::Warning };
+    (fire, calm, severity)
+}
 
 /// Bernoulli CUSUM increment for one observation, with the bad outcome observed
 /// `bad_count` times in `n` baseline observations. The baseline rate is smoothed

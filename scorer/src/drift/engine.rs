@@ -410,11 +410,23 @@ impl DriftEngine {
 
     /// Notes the model of a call; a model an established app never used counts as a switch.
     fn note_model(&mut self, app: &str, model: &str) {
-        let calls = self.app_calls.entry(app.to_owned()).or_default();
-        *calls += 1;
-        let calls = *calls;
+        // Looked up before inserting: this runs for every call, and the app is almost
+        // always known.
+        let calls = match self.app_calls.get_mut(app) {
+            Some(c) => {
+                *c += 1;
+                *c
+            }
+            None => {
+                self.app_calls.insert(app.to_owned(), 1);
+                1
+            }
+        };
+        if self.app_models.get(app).is_some_and(|m| m.contains(model)) {
+            return;
+        }
         let models = self.app_models.entry(app.to_owned()).or_default();
-        if models.contains(model) || models.len() >= 256 {
+        if models.len() >= 256 {
             return;
         }
         models.insert(model.to_owned());

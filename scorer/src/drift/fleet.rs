@@ -28,9 +28,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use llmtap_ingest::record::DriftEventRecord;
+use llmtap_ingest::sink::clickhouse::service::quote;
 use serde::{Deserialize, Serialize};
 
-use super::detect::{rate_increment, BadDirection, DetectorConfig, Severity, SignalKind, Transition, WindowStats};
+use super::detect::{
+    bad_side, mix_decision, rate_increment, rate_severity, BadDirection, DetectorConfig, Severity, SignalKind,
+    Transition, WindowStats,
+};
 use super::engine::{signal, DriftEngine, Key, SIGNALS};
 use super::stats;
 
@@ -57,10 +61,6 @@ const UNPINNED: i64 = i64::MAX;
 /// Separates the parts of a key in SQL (`\x1f`, the unit separator).
 const SEP: char = '\u{1f}';
 
-fn sql_str(s: &str) -> String {
-    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
 fn key_string(k: &Key) -> String {
     format!("{}{SEP}{}{SEP}{}{SEP}{}", k.app, k.route, k.model, k.judge)
 }
@@ -82,7 +82,7 @@ fn observations(name: &str, db: &str, from_ms: i64, upto_ms: i64) -> Option<Stri
             "SELECT app AS a, k.1 AS r, k.2 AS m, '' AS j, toUnixTimestamp64Milli(ts) AS t, \
              concat(trace_id, span_id) AS id, {x} AS x FROM {db}.llm_traces ARRAY JOIN {keys} AS k \
              WHERE {window} AND NOT mapContains(tags, {tag}) AND {cond}",
-            tag = sql_str(crate::llm::JUDGE_TAG),
+            tag = quote(crate::llm::JUDGE_TAG),
         )
     };
     let ok = "error_kind = ''";
@@ -93,8 +93,8 @@ fn observations(name: &str, db: &str, from_ms: i64, upto_ms: i64) -> Option<Stri
              ARRAY JOIN [(route, request_model), ('*', '*')] AS k WHERE {window} AND error = '' AND {cond}"
         )
     };
-    let refusals: Vec<String> = crate::rule::REFUSALS.iter().map(|p| sql_str(p)).collect();
-    let pass_labels: Vec<String> = crate::report::PASS_LABELS.iter().map(|p| sql_str(p)).collect();
+    let refusals: Vec<String> = crate::rule::REFUSALS.iter().map(|p| quote(p)).collect();
+    let pass_labels: Vec<String> = crate::report::PASS_LABELS.iter().map(|p| quote(p)).collect();
     Some(match name {
         "error_rate" => calls("toFloat64(error_kind != '')", "1", true),
         "latency_ms" => calls("duration_ms", ok, true),
@@ -137,7 +137,7 @@ fn windowed(obs: &str, cfg: &DetectorConfig, pins: &[(String, i64)], bounds: &[(
         if list.is_empty() {
             return format!("toInt64({default})");
         }
-        let keys: Vec<String> = list.iter().map(|(k, _)| sql_str(k)).collect();
+        let keys: Vec<String> = list.iter().map(|(k, _)| quote(k)).collect();
         let at: Vec<String> = list.iter().map(|(_, t)| format!("toInt64({t})")).collect();
         format!(
             "transform(concat(a, '\\x1f', r, '\\x1f', m, '\\x1f', j), [{}], [{}], toInt64({default}))",
@@ -353,18 +353,8 @@ impl FleetDetector {
         // Windowed tests: (fire, calm, resolve stat, resolve threshold, direction, severity).
         let (fire, calm, resolve, direction, severity) = match kind {
             SignalKind::Rate => {
-                let bad_z = match cfg.bad_direction {
-                    BadDirection::Up => st.z,
-                    BadDirection::Down => -st.z,
-                    BadDirection::Both => st.z.abs(),
-                };
-                let odds = |h: u64, n: u64| (h as f64 + 0.5) / ((n - h.min(n)) as f64 + 0.5);
-                let ratio = odds(row.chits, row.cn) / odds(row.bhits, row.bn);
-                let severity = if ratio.max(1.0 / ratio) >= cfg.critical_odds_ratio {
-                    Severity::Critical
-                } else {
-                    Severity::Warning
-                };
+                let bad_z = bad_side(cfg.bad_direction, st.z);
+                let severity = rate_severity(cfg, (row.bhits, row.bn), (row.chits, row.cn));
                 (
                     cfg.z_fire.filter(|&t| bad_z >= t).map(|t| ("z_test", bad_z, t)),
                     bad_z < cfg.z_resolve,
@@ -391,16 +381,8 @@ impl FleetDetector {
                 (fire, calm, ("psi", st.psi, cfg.psi_resolve), direction, severity)
             }
             SignalKind::Categorical => {
-                let fire =
-                    cfg.js_fire.filter(|&t| st.js >= t && st.chi2_p <= cfg.chi2_fire_p).map(|t| ("js", st.js, t));
-                let severity = if st.js >= cfg.critical_js { Severity::Critical } else { Severity::Warning };
-                (
-                    fire,
-                    st.js < cfg.js_resolve || st.chi2_p > cfg.chi2_resolve_p,
-                    ("js", st.js, cfg.js_resolve),
-                    sign(st.current_value - st.baseline_value),
-                    severity,
-                )
+                let (fire, calm, severity) = mix_decision(cfg, st.js, st.chi2_p);
+                (fire, calm, ("js", st.js, cfg.js_resolve), sign(st.current_value - st.baseline_value), severity)
             }
         };
         let transition =

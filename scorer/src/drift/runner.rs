@@ -221,7 +221,10 @@ pub fn spawn_drift(
     let mut engine = DriftEngine::new(cfg);
     let thread = std::thread::Builder::new().name("llmtap-drift".into()).spawn(move || {
         runtime.block_on(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Re-sends to Alertmanager are checked every second; without such a webhook
+            // the thread sleeps until an input comes.
+            let period = if emitter.hooks.iter().any(|h| h.format == "alertmanager") { 1 } else { 3600 };
+            let mut tick = tokio::time::interval(Duration::from_secs(period));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut resent = Vec::new();
             loop {

@@ -37,6 +37,11 @@ const CONTENT_ERRORS: &[u32] = &[
 /// llmtap's own code for a local-log line that is not a record of its kind.
 pub const LOCAL_PARSE_ERROR: u32 = 0;
 
+/// `s` as a ClickHouse string literal.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 /// The ClickHouse exception code at the start of an error text (`Code: 60. DB::Exception…`).
 /// The crate reports server errors only as text; the code prefix is ClickHouse's stable
 /// wire format, so this reads the number, never the message.
@@ -122,6 +127,14 @@ impl ClickHouseSink {
             Ok(r) => r.map_err(classify),
             Err(_) => Err(InsertError::Retryable(format!("no answer within {:?}", self.cfg.request_timeout))),
         }
+    }
+
+    /// Runs a SELECT as written and returns its `JSONEachRow` lines (64-bit integers as
+    /// plain numbers), under `request_timeout` like every other request.
+    pub async fn json_lines(&self, sql: &str) -> Result<Vec<String>, InsertError> {
+        let client = self.client.clone().with_setting("output_format_json_quote_64bit_integers", "0");
+        let bytes = self.timed(async { client.query(sql).fetch_bytes("JSONEachRow")?.collect().await }).await?;
+        Ok(String::from_utf8_lossy(&bytes).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect())
     }
 
     /// Runs one statement (DDL, INSERT … VALUES) as written (no `?` binding).
