@@ -27,6 +27,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
     pub shutdown_grace_secs: u64,
+    /// Threads serving the proxy listener, each with its own upstream pool; 0 = one per CPU.
+    pub workers: usize,
     /// Log filter when `RUST_LOG` is unset (tracing `EnvFilter` syntax).
     pub log_level: String,
     pub client: ClientConfig,
@@ -61,6 +63,7 @@ impl Default for Config {
             admin_listen: "127.0.0.1:9464".into(),
             data_dir: PathBuf::from("./llmtap-data"),
             shutdown_grace_secs: 30,
+            workers: 0,
             log_level: "info".into(),
             client: ClientConfig::default(),
             capture: CaptureConfig::default(),
@@ -232,6 +235,13 @@ impl Config {
                 "must differ from listen",
             ));
         }
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n if n > 1024 => {
+                return Err(ConfigError::invalid("workers", n.to_string(), "must be at most 1024 (0 = one per CPU)"))
+            }
+            n => n,
+        };
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data_dir", "\"\"", "must not be empty"));
         }
@@ -335,6 +345,7 @@ impl Config {
             first_byte_timeout: Duration::from_millis(c.first_byte_timeout_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            workers,
         })
     }
 }
@@ -358,6 +369,8 @@ pub struct ValidatedConfig {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// `workers` resolved: at least 1.
+    pub workers: usize,
 }
 
 /// Applies `LLMTAP_<SECTION>_<KEY>` variables. The variable names come from the keys of the
@@ -477,6 +490,14 @@ mod tests {
             cfg.validate(&[]).unwrap_err().to_string(),
             "listen = \"localhost\": not a socket address (host:port)"
         );
+
+        let cfg = Config { workers: 5000, ..Config::default() };
+        assert_eq!(
+            cfg.validate(&[]).unwrap_err().to_string(),
+            "workers = 5000: must be at most 1024 (0 = one per CPU)"
+        );
+        let cfg = Config { workers: 0, ..Config::default() };
+        assert_eq!(cfg.validate(&[]).unwrap().workers, std::thread::available_parallelism().map_or(1, usize::from));
 
         let cfg = Config {
             clickhouse: ClickHouseConfig { url: "ch:8123".into(), ..Default::default() },

@@ -13,6 +13,7 @@ mod score;
 mod server;
 mod tap;
 mod upstream;
+mod workers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -7,10 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use llmtap_ingest::export::otlp::spawn_otlp;
 use llmtap_ingest::export::prometheus::{LlmMetrics, MetricsObserver, Sources};
 use llmtap_ingest::recorder::{spawn_recorder, RecorderConfig};
@@ -24,6 +20,7 @@ use crate::admin::{self, AdminState};
 use crate::config::ValidatedConfig;
 use crate::forward::Proxy;
 use crate::upstream::build_client;
+use crate::workers::Workers;
 
 /// Runs `serve` until `shutdown` resolves. Returns after every record is on disk.
 pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -136,20 +133,30 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         None => None,
     };
 
-    let client = build_client(&cfg.raw.client, cfg.connect_timeout)?;
-    let proxy = Arc::new(Proxy {
-        routes: cfg.routes.clone(),
-        client,
-        recorder: recorder_tx.clone(),
-        first_byte_timeout: cfg.first_byte_timeout,
-        idle_timeout: cfg.idle_timeout,
-        max_request_body: cfg.raw.client.max_request_body_bytes,
-        capture_bodies: cfg.capture.bodies == llmtap_ingest::capture::BodyCapture::All,
-        limits: llmtap_ingest::ExchangeLimits {
-            text_cap: cfg.capture.max_body_bytes.max(64 * 1024),
-            ..Default::default()
-        },
-    });
+    let workers = cfg.workers;
+    let proxies = (0..workers)
+        .map(|_| {
+            Ok(Arc::new(Proxy {
+                routes: cfg.routes.clone(),
+                // A pool per worker: upstream connections stay on the worker's thread.
+                client: build_client(&cfg.raw.client, cfg.connect_timeout)?,
+                recorder: recorder_tx.clone(),
+                first_byte_timeout: cfg.first_byte_timeout,
+                idle_timeout: cfg.idle_timeout,
+                max_request_body: cfg.raw.client.max_request_body_bytes,
+                capture_bodies: cfg.capture.bodies == llmtap_ingest::capture::BodyCapture::All,
+                limits: llmtap_ingest::ExchangeLimits {
+                    text_cap: cfg.capture.max_body_bytes.max(64 * 1024),
+                    ..Default::default()
+                },
+            }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Half the shortest call timeout: every call's timers then land after the anchor's.
+    let anchor =
+        (cfg.first_byte_timeout.min(cfg.idle_timeout) / 2).clamp(Duration::from_millis(1), Duration::from_secs(60));
+    let mut workers = Workers::spawn(proxies, cfg.shutdown_grace, anchor)?;
+    metrics.registry().register(Box::new(workers.gauge()?)).map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
 
     let ready = Arc::new(AtomicBool::new(true));
     metrics.set_sources(Sources {
@@ -185,31 +192,18 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     // One line on stdout for scripts that start llmtap on port 0.
     println!("llmtap listening on {proxy_addr} (admin {admin_addr})");
 
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
+                match accepted {
+                    Ok((stream, peer)) => workers.dispatch(stream, peer),
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
                     }
-                };
-                let _ = stream.set_nodelay(true);
-                let proxy = proxy.clone();
-                let svc = service_fn(move |req| proxy.clone().handle(req));
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                }
             }
             () = &mut shutdown => break,
         }
@@ -217,10 +211,8 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     drop(listener);
     ready.store(false, Ordering::SeqCst);
     tracing::info!(grace_secs = cfg.shutdown_grace.as_secs(), "shutting down: finishing in-flight calls");
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("in-flight calls finished"),
-        () = tokio::time::sleep(cfg.shutdown_grace) => tracing::warn!("grace period over; calls still open are cut"),
-    }
+    tokio::task::spawn_blocking(move || workers.close()).await?;
+    tracing::info!("in-flight calls finished");
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     // The drift thread ends when its last sender is gone; the admin API's goes now.
@@ -231,7 +223,6 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     if let Ok(fb) = Arc::try_unwrap(feedback) {
         tokio::task::spawn_blocking(move || fb.shutdown()).await?;
     }
-    drop(proxy);
     drop(recorder_tx);
     let stats = recorder.stats().clone();
     tokio::task::spawn_blocking(move || recorder.shutdown()).await?;

@@ -229,13 +229,6 @@ async fn check_names_bad_llm_judges() {
     }
 }
 
-async fn get(c: &HttpClient, url: &str) -> String {
-    use http_body_util::BodyExt;
-    let req = http::Request::get(url).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
-    let resp = c.request(req).await.unwrap();
-    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agreement_metric_and_review_queue_follow_feedback() {
     let judge = JudgeMock::start().await.unwrap();
@@ -273,7 +266,7 @@ output = {{ kind = "numeric", min = 1, max = 5, pass_at = 4, review_band = 0.5 }
         let r = post_json(&env.client, &fb, &[], &json!({"trace_id": t, "name": "rating", "value": h})).await;
         assert_eq!(r.status, 202, "{:?}", r.body);
     }
-    let metrics = get(&env.client, &format!("http://{}/metrics", env.llmtap.admin)).await;
+    let metrics = get_text(&env.client, &format!("http://{}/metrics", env.llmtap.admin)).await;
     // Spearman over the 5 pairs: ranks (5,4,3,2,1) vs (4,5,3,1,2); d² = 1+1+0+1+1 = 4;
     // rho = 1 − 6·4 / (5·24) = 0.8.
     let line =

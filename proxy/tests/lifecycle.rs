@@ -90,35 +90,65 @@ async fn five_hundred_concurrent_mixed_calls_leave_exactly_five_hundred_records(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_an_in_flight_stream_finish_then_exits_zero() {
-    let mut env = start("").await;
-    let req = http::Request::post(env.llmtap.url("/v1/chat/completions"))
-        .header("x-mock-chunks", "20")
-        .header("x-mock-chunk-delay-ms", "100")
-        .header("x-mock-content", "abcdefghijklmnopqrstuvwxyz0123456789ABCD")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            serde_json::to_vec(&json!({"model": "gpt-4o", "stream": true, "messages": []})).unwrap(),
-        )))
-        .unwrap();
-    let resp = env.client.request(req).await.unwrap();
-    let trace = resp.headers()["x-llmtap-trace-id"].to_str().unwrap().to_owned();
-    let mut body = resp.into_body();
-    let first = body.frame().await.unwrap().unwrap();
-    assert!(!first.data_ref().unwrap().is_empty());
+async fn sigterm_lets_in_flight_streams_on_every_worker_finish_then_exits_zero() {
+    let mut env = start("workers = 3").await;
+    let mut threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", env.llmtap.child.id()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("llmtap-w"))
+        .collect();
+    threads.sort();
+    assert_eq!(threads, ["llmtap-w0", "llmtap-w1", "llmtap-w2"]);
+
+    // Three streams at once: three connections, one per worker (least open first).
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        let content = format!("stream-{i}-abcdefghijklmnopqrstuvwxyz0123456789");
+        let req = http::Request::post(env.llmtap.url("/v1/chat/completions"))
+            .header("x-mock-chunks", "20")
+            .header("x-mock-chunk-delay-ms", "100")
+            .header("x-mock-content", content.as_str())
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                serde_json::to_vec(&json!({"model": "gpt-4o", "stream": true, "messages": []})).unwrap(),
+            )))
+            .unwrap();
+        streams.push((content, env.client.request(req)));
+    }
+    let mut open = Vec::new();
+    for (content, resp) in streams {
+        let resp = resp.await.unwrap();
+        let trace = resp.headers()["x-llmtap-trace-id"].to_str().unwrap().to_owned();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(!first.is_empty());
+        open.push((content, trace, first, body));
+    }
+    let metrics = get_text(&env.client, &format!("http://{}/metrics", env.llmtap.admin)).await;
+    for w in 0..3 {
+        let line = format!("llmtap_worker_connections{{worker=\"{w}\"}} 1\n");
+        assert!(metrics.contains(&line), "one connection per worker:\n{metrics}");
+    }
     env.llmtap.terminate().unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // New connections are refused while the stream goes on.
+    // New connections are refused while the streams go on.
     assert!(std::net::TcpStream::connect(env.llmtap.proxy).is_err(), "listener still open after SIGTERM");
-    let rest = body.collect().await.unwrap().to_bytes();
-    let text = format!("{}{}", String::from_utf8_lossy(first.data_ref().unwrap()), String::from_utf8_lossy(&rest));
-    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let mut traces = Vec::new();
+    for (_, trace, first, body) in open {
+        let rest = body.collect().await.unwrap().to_bytes();
+        let text = format!("{}{}", String::from_utf8_lossy(&first), String::from_utf8_lossy(&rest));
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        traces.push(trace);
+    }
     let status = env.llmtap.wait_exit(Duration::from_secs(20)).unwrap();
     assert_eq!(status.code(), Some(0));
     let recs = read_records(&env.llmtap.data_dir.join("traces"));
-    assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0]["trace_id"], trace.as_str());
-    assert_eq!(recs[0]["error_kind"], "");
-    assert_eq!(recs[0]["output_text"], "abcdefghijklmnopqrstuvwxyz0123456789ABCD");
+    assert_eq!(recs.len(), 3);
+    for (i, trace) in traces.iter().enumerate() {
+        let rec = recs.iter().find(|r| r["trace_id"] == trace.as_str()).unwrap();
+        assert_eq!(rec["error_kind"], "");
+        assert_eq!(rec["output_text"], format!("stream-{i}-abcdefghijklmnopqrstuvwxyz0123456789"));
+    }
 }
 
 fn llmtap(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {

@@ -114,6 +114,11 @@ pub async fn post_json(c: &HttpClient, url: &str, headers: &[(&str, &str)], body
     send(c, Method::POST, url, &h, serde_json::to_vec(body).unwrap()).await
 }
 
+/// A GET's body as text (`/metrics` and other admin pages).
+pub async fn get_text(c: &HttpClient, url: &str) -> String {
+    String::from_utf8(send(c, Method::GET, url, &[], "").await.body.to_vec()).unwrap()
+}
+
 /// Waits (async) until the data dir holds at least `n` trace records.
 pub async fn records_at_least(data_dir: &Path, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(15);
