@@ -302,7 +302,11 @@ impl Proxy {
             }
         };
 
-        let (mut rparts, rbody) = resp.into_parts();
+        let (mut rparts, mut rbody) = resp.into_parts();
+        let is_stream =
+            rparts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        // A stream's head goes out at once; other bodies usually came with their head.
+        let early = if is_stream { Default::default() } else { crate::tap::ready_frames(&mut rbody).await };
         let rewrites = exchange.on_response_head(rparts.status.as_u16(), &rparts.headers);
         strip_hop_by_hop(&mut rparts.headers);
         if rewrites {
@@ -314,7 +318,7 @@ impl Proxy {
         rparts.version = Version::HTTP_11;
         exchange.add_overhead(t_head.elapsed());
         let status = rparts.status.as_u16();
-        let body = TapBody::new(rbody, exchange, self.recorder.clone(), self.idle_timeout, rewrites, status);
+        let body = TapBody::new(rbody, early, exchange, self.recorder.clone(), self.idle_timeout, rewrites, status);
         Ok(Response::from_parts(rparts, ProxyBody::Tap(Box::new(body))))
     }
 }

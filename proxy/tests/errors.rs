@@ -80,6 +80,45 @@ async fn timeouts_are_504_before_the_head_and_cut_the_stream_after_it() {
     let rec = record(&env.llmtap.data_dir, &trace).await;
     assert_eq!((rec["status"].as_u64(), rec["error_kind"].as_str()), (Some(200), Some("upstream_timeout")));
     assert_eq!(rec["usage_source"], "estimated", "tokens already generated are estimated");
+
+    // The same silence inside a JSON body.
+    let resp = env.client.request(split_json_request(&env, "2000")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let trace = resp.headers()["x-llmtap-trace-id"].to_str().unwrap().to_owned();
+    assert!(http_body_util::BodyExt::collect(resp.into_body()).await.is_err(), "a cut body, not a clean end");
+    let rec = record(&env.llmtap.data_dir, &trace).await;
+    assert_eq!((rec["status"].as_u64(), rec["error_kind"].as_str()), (Some(200), Some("upstream_timeout")));
+}
+
+/// A JSON body sent to llmtap in two frames, the second `delay_ms` after the first.
+fn split_json_request(env: &Env, delay_ms: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post(env.llmtap.url("/v1/chat/completions"))
+        .header("x-mock-split-at", "20")
+        .header("x-mock-chunk-delay-ms", delay_ms)
+        .body(http_body_util::Full::new(bytes::Bytes::from(serde_json::to_vec(&chat(false)).unwrap())))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_is_forwarded_as_it_arrives_not_held_for_its_end() {
+    let env = start("").await;
+    let direct = post_json(&env.client, &format!("{}/v1/chat/completions", env.mock.url()), &[], &chat(false)).await;
+    let t = Instant::now();
+    let resp = env.client.request(split_json_request(&env, "3000")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let trace = resp.headers()["x-llmtap-trace-id"].to_str().unwrap().to_owned();
+    let mut body = resp.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body).await.unwrap().unwrap().into_data().unwrap();
+    // llmtap takes what the upstream already sent along with the head, and no more.
+    assert!(t.elapsed() < Duration::from_millis(2000), "the first 20 bytes took {:?}", t.elapsed());
+    assert_eq!(first.as_ref(), &direct.body[..20]);
+    let rest = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+    assert!(t.elapsed() >= Duration::from_millis(3000));
+    assert_eq!([first, rest].concat(), direct.body.to_vec(), "the client gets the upstream's bytes");
+    let rec = record(&env.llmtap.data_dir, &trace).await;
+    assert_eq!((rec["status"].as_u64(), rec["error_kind"].as_str()), (Some(200), Some("")));
+    assert_eq!(rec["output_text"], "Hello from the mock upstream.");
+    assert_eq!((rec["input_tokens"].as_u64(), rec["output_tokens"].as_u64()), (Some(11), Some(7)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
