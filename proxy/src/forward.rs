@@ -303,10 +303,9 @@ impl Proxy {
         };
 
         let (mut rparts, mut rbody) = resp.into_parts();
-        let is_stream =
-            rparts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        // A stream's head goes out at once; other bodies usually came with their head.
-        let early = if is_stream { Default::default() } else { crate::tap::ready_frames(&mut rbody).await };
+        // What came with the head goes out with it: for JSON usually the whole body, for a
+        // stream its first events.
+        let early = crate::tap::ready_frames(&mut rbody).await;
         let rewrites = exchange.on_response_head(rparts.status.as_u16(), &rparts.headers);
         strip_hop_by_hop(&mut rparts.headers);
         if rewrites {

@@ -34,18 +34,26 @@ pub struct IdleTimeout(pub Duration);
 /// A frame as the upstream body yields it.
 pub type UpstreamFrame = Result<Frame<Bytes>, hyper::Error>;
 
+/// Frames gathered before hyper gets them; more than this go out in the next write.
+const MAX_GATHER: usize = 16;
+
 /// Response body that taps the upstream's frames.
 pub struct TapBody {
     inner: Incoming,
-    /// Frames taken from `inner` before the response head went to hyper (`ready_frames`).
+    /// Frames taken from `inner` and not yet handed to hyper: those that came with the
+    /// head (`ready_frames`), then each batch gathered while `gathering`.
     early: VecDeque<UpstreamFrame>,
     /// `inner` already ended: nothing follows `early`.
     upstream_ended: bool,
+    /// A frame arrived and the tap requeued itself to take the ones right behind it.
+    gathering: bool,
     exchange: Option<Exchange>,
     recorder: RecordSender,
     idle_timeout: Duration,
-    /// Armed the first time the upstream makes us wait; a body that is already in hand
-    /// never touches the timer wheel.
+    /// When the upstream last sent a frame; the idle deadline counts from here.
+    last_frame: Instant,
+    /// Armed the first time the upstream makes us wait, and moved only when it fires: a
+    /// frame costs a clock read, not a timer-wheel update.
     idle: Option<Pin<Box<Sleep>>>,
     /// Bytes held back by the exchange, released after the upstream body ended.
     tail: Option<Bytes>,
@@ -68,9 +76,11 @@ impl TapBody {
             inner,
             early,
             upstream_ended,
+            gathering: false,
             exchange: Some(exchange),
             recorder,
             idle_timeout,
+            last_frame: Instant::now(),
             idle: None,
             tail: None,
             done: false,
@@ -98,29 +108,73 @@ impl TapBody {
         self.finish(ErrorKind::None);
     }
 
+    /// The next frame: gathered ones first, then the upstream's. A frame fresh from the
+    /// upstream is not handed out at once: the tap requeues itself behind the upstream
+    /// connection's task, which then decodes whatever else it has read, and hands out the
+    /// whole batch, which hyper writes at once. One write per batch instead of per frame;
+    /// the cost is one run-queue pass, no syscall.
     fn poll_upstream(&mut self, cx: &mut Context<'_>) -> Poll<Option<UpstreamFrame>> {
+        if self.gathering {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(f)) => {
+                    let more = f.is_ok() && self.early.len() + 1 < MAX_GATHER;
+                    self.early.push_back(f);
+                    if more {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                }
+                Poll::Ready(None) => self.upstream_ended = true,
+                Poll::Pending => {}
+            }
+            self.gathering = false;
+        }
         if let Some(f) = self.early.pop_front() {
             return Poll::Ready(Some(f));
         }
         if self.upstream_ended {
             return Poll::Ready(None);
         }
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.early.push_back(Ok(frame));
+                self.gathering = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the upstream has been silent for `idle_timeout`; arms the timer otherwise.
+    /// Frames only move the deadline later, so a timer armed for an older deadline fires
+    /// early and is moved then: one timer-wheel update per `idle_timeout`, not per frame.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::from_std(self.last_frame + self.idle_timeout);
+        let idle = self.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if idle.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if idle.deadline() >= deadline {
+            return true;
+        }
+        idle.as_mut().reset(deadline);
+        idle.as_mut().poll(cx).is_ready()
     }
 }
 
 /// The frames the upstream connection already holds, taken without waiting: a JSON body
-/// usually arrives in the same read as its head. Handed to hyper together with the head,
-/// the head, the body and the end of a chunked body leave in one write instead of two or
-/// three. Returns the frames and whether the body ended.
+/// usually arrives in the same read as its head, a stream's head with its first event.
+/// Handed to hyper together with the head, the head, the body and the end of a chunked
+/// body leave in one write instead of two or three. Returns the frames and whether the
+/// body ended.
 ///
 /// The upstream connection's task decodes what it has read only when it gets to run, so
 /// one requeue is allowed after each frame; the next `Pending` ends the wait.
 pub async fn ready_frames(body: &mut Incoming) -> (VecDeque<UpstreamFrame>, bool) {
-    const MAX_FRAMES: usize = 16;
     let mut frames = VecDeque::new();
     let mut yielded = false;
-    while frames.len() < MAX_FRAMES {
+    while frames.len() < MAX_GATHER {
         match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
             Poll::Ready(Some(f)) => {
                 let failed = f.is_err();
@@ -172,20 +226,16 @@ impl Body for TapBody {
             }
             match this.poll_upstream(cx) {
                 Poll::Pending => {
-                    let timeout = this.idle_timeout;
-                    let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                    if idle.as_mut().poll(cx).is_ready() {
-                        this.done = true;
-                        this.finish(ErrorKind::UpstreamTimeout);
-                        return Poll::Ready(Some(Err(Box::new(IdleTimeout(this.idle_timeout)))));
+                    if this.gathering || !this.idle_expired(cx) {
+                        return Poll::Pending;
                     }
-                    return Poll::Pending;
+                    this.done = true;
+                    this.finish(ErrorKind::UpstreamTimeout);
+                    return Poll::Ready(Some(Err(Box::new(IdleTimeout(this.idle_timeout)))));
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     let started = Instant::now();
-                    if let Some(idle) = this.idle.as_mut() {
-                        idle.as_mut().reset(tokio::time::Instant::now() + this.idle_timeout);
-                    }
+                    this.last_frame = started;
                     let frame = match frame.into_data() {
                         Ok(data) => match this.exchange.as_mut() {
                             Some(ex) => {

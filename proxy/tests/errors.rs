@@ -81,6 +81,20 @@ async fn timeouts_are_504_before_the_head_and_cut_the_stream_after_it() {
     assert_eq!((rec["status"].as_u64(), rec["error_kind"].as_str()), (Some(200), Some("upstream_timeout")));
     assert_eq!(rec["usage_source"], "estimated", "tokens already generated are estimated");
 
+    // Frames closer than the idle timeout keep a stream alive for many times its length.
+    let r = post_json(
+        &env.client,
+        &env.llmtap.url("/v1/chat/completions"),
+        &[("x-mock-chunks", "8"), ("x-mock-chunk-delay-ms", "150")],
+        &chat(true),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.ends_with(b"data: [DONE]\n\n"));
+    let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
+    assert_eq!(rec["error_kind"], "", "a stream that never paused 300 ms is not idle");
+    assert!(rec["duration_ms"].as_f64().unwrap() > 1200.0);
+
     // The same silence inside a JSON body.
     let resp = env.client.request(split_json_request(&env, "2000")).await.unwrap();
     assert_eq!(resp.status(), 200);
