@@ -238,7 +238,8 @@ def scenarios(quick):
          "headers": ["x-mock-chunks: 20", "x-mock-chunk-delay-ms: 5"]},
         {"name": "closed 64 conns", "mode": "closed", "connections": 64, "duration": d},
         {"name": "1000 open streams", "mode": "streams", "connections": 1000, "duration": 10, "stream": True,
-         "headers": ["x-mock-chunks: 200", "x-mock-chunk-delay-ms: 50"]},
+         # 200 pieces need 200 characters of content: the mock never splits finer than one.
+         "headers": ["x-mock-chunks: 200", "x-mock-chunk-delay-ms: 50", "x-mock-content: " + "abcdefghij" * 20]},
     ]
 
 

@@ -214,7 +214,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (cfg, env) = load(&common, listen, admin_listen)?;
             let validated = cfg.validate(&env)?;
             init_tracing(&validated.raw.log_level);
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
+            // Setup, the listener and the admin API; calls run on the workers' runtimes.
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(server::serve(validated, server::shutdown_signal()))
         }
         Command::Score { common, shard, once, since, lookback, poll_interval } => {
