@@ -121,7 +121,7 @@ pub struct RecorderConfig {
 /// Starts the recorder thread writing to `<data_dir>/traces/`.
 /// How long the recorder lets records gather after each batch (see the loop).
 /// Records reach the log at most this much later; the request path never waits for them.
-const COALESCE: Duration = Duration::from_millis(1);
+const COALESCE: Duration = Duration::from_millis(10);
 
 pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(RecordSender, RecorderHandle)> {
     let mut writer = SegmentWriter::open(data_dir, "traces", cfg.log.clone())?;

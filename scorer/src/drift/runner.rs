@@ -248,7 +248,7 @@ pub fn spawn_drift(
                 }
                 // Let inputs gather rather than be woken for each one (as the recorder
                 // does); drift needs no millisecond latency.
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             emitter.close().await;
         })
