@@ -3,6 +3,7 @@
 //! - `open`: constant arrival rate. Request i is due at start + i/rate; latency is measured
 //!   from that scheduled time, so a stalled target cannot hide behind requests it delayed
 //!   (no coordinated omission). Requests that could not even be started on time count.
+//!   A plain thread paces the sends to within tens of microseconds.
 //! - `closed`: C connections each sending back to back, for maximum throughput.
 //! - `streams`: C streams held open at once (the upstream paces chunks), for memory.
 //!
@@ -132,13 +133,24 @@ fn main() -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         match args.mode {
             Mode::Open => {
+                // The pacer is a plain thread: tokio's timers fire on whole milliseconds, which
+                // would add up to a millisecond of sender lateness to every measurement.
                 let n = (args.rate * args.duration).round() as u64;
-                for i in 0..n {
-                    let due = start + Duration::from_secs_f64(i as f64 / args.rate);
-                    tokio::time::sleep_until(due.into()).await;
-                    let (c, a, s) = (client.clone(), args.clone(), stats.clone());
-                    tasks.push(tokio::spawn(async move { one(&c, &a, due, &s).await }));
-                }
+                let (handle, rate) = (tokio::runtime::Handle::current(), args.rate);
+                let (c, a, s) = (client.clone(), args.clone(), stats.clone());
+                let pacer = std::thread::spawn(move || {
+                    let mut tasks = Vec::with_capacity(n as usize);
+                    for i in 0..n {
+                        let due = start + Duration::from_secs_f64(i as f64 / rate);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        let (c, a, s) = (c.clone(), a.clone(), s.clone());
+                        tasks.push(handle.spawn(async move { one(&c, &a, due, &s).await }));
+                    }
+                    tasks
+                });
+                tasks = tokio::task::spawn_blocking(move || pacer.join())
+                    .await?
+                    .map_err(|_| anyhow::anyhow!("the pacer thread panicked"))?;
             }
             Mode::Closed => {
                 for _ in 0..args.connections {
