@@ -460,7 +460,7 @@ pub struct Detector {
     base_hits: u64,
     cur_hits: u64,
     /// Numeric: the baseline values, ascending.
-    base_sorted: Vec<f64>,
+    base_sorted: stats::LazySorted,
     /// Numeric: the current window's values, ascending.
     cur_sorted: Vec<f64>,
     /// Categorical: interned labels and per-label counts.
@@ -501,7 +501,7 @@ impl Detector {
             suspicious: false,
             base_hits: 0,
             cur_hits: 0,
-            base_sorted: Vec::new(),
+            base_sorted: stats::LazySorted::default(),
             cur_sorted: Vec::new(),
             names: Vec::new(),
             ids: HashMap::new(),
@@ -550,7 +550,7 @@ impl Detector {
         self.seen += 1;
 
         // The new observation joins the current window; the oldest one moves on.
-        let z = if self.kind == SignalKind::Numeric { stats::normal_score(&self.base_sorted, v) } else { 0.0 };
+        let z = if self.kind == SignalKind::Numeric { self.base_sorted.normal_score(v) } else { 0.0 };
         let sample = Sample { v, t: self.last_t, z };
         self.add_current(sample);
         if self.current.len() > self.cfg.current_window {
@@ -626,15 +626,16 @@ impl Detector {
             SignalKind::Rate => WindowStats::rate(self.base_hits, nb, self.cur_hits, nc),
             SignalKind::Numeric => {
                 let cur = &self.cur_sorted;
-                let edges = stats::quantile_edges_sorted(&self.base_sorted, self.cfg.psi_bins);
-                let ks = stats::ks_test_sorted(&self.base_sorted, cur);
+                let base = self.base_sorted.view();
+                let edges = stats::quantile_edges_sorted(&base, self.cfg.psi_bins);
+                let ks = stats::ks_test_sorted(&base, cur);
                 WindowStats {
                     baseline_n: nb,
                     current_n: nc,
-                    baseline_value: stats::median_sorted(&self.base_sorted),
+                    baseline_value: stats::median_sorted(&base),
                     current_value: stats::median_sorted(cur),
                     psi: stats::psi_from_counts(
-                        &stats::bin_counts_sorted(&self.base_sorted, &edges),
+                        &stats::bin_counts_sorted(&base, &edges),
                         &stats::bin_counts_sorted(cur, &edges),
                     ),
                     ks_d: ks.d,
@@ -721,9 +722,9 @@ impl Detector {
 
     fn admit(&mut self, s: Sample) {
         if self.kind == SignalKind::Numeric && self.baseline.len() >= self.cfg.baseline_max {
-            // A full baseline: one in, one out, in a single shift of the sorted values.
+            // A full baseline: one in, one out.
             if let Some(old) = self.baseline.pop_front() {
-                stats::replace_sorted(&mut self.base_sorted, old.v, s.v);
+                self.base_sorted.replace(old.v, s.v);
                 self.baseline.push_back(s);
                 return;
             }
@@ -746,8 +747,7 @@ impl Detector {
         match self.kind {
             SignalKind::Rate => self.base_hits += u64::from(s.v > 0.5),
             SignalKind::Numeric => {
-                let at = self.base_sorted.partition_point(|&x| x < s.v);
-                self.base_sorted.insert(at, s.v);
+                self.base_sorted.insert(s.v);
             }
             SignalKind::Categorical => {
                 if let Some(c) = self.base_counts.get_mut(s.v as usize) {
@@ -763,10 +763,7 @@ impl Detector {
         match self.kind {
             SignalKind::Rate => self.base_hits -= u64::from(s.v > 0.5).min(self.base_hits),
             SignalKind::Numeric => {
-                let at = self.base_sorted.partition_point(|&x| x < s.v);
-                if self.base_sorted.get(at) == Some(&s.v) {
-                    self.base_sorted.remove(at);
-                }
+                self.base_sorted.remove(s.v);
             }
             SignalKind::Categorical => {
                 if let Some(c) = self.base_counts.get_mut(s.v as usize) {
@@ -892,7 +889,7 @@ impl Detector {
                     }
                 }
                 _ => {
-                    sum += stats::normal_score(&self.base_sorted, s.v);
+                    sum += self.base_sorted.normal_score(s.v);
                     if sum * dir > 0.0 {
                         sum * sum / len as f64
                     } else {
@@ -951,7 +948,7 @@ impl Detector {
         if values.is_empty() {
             return 0.0;
         }
-        values.iter().map(|&x| stats::normal_score(&self.base_sorted, x)).sum::<f64>() / values.len() as f64
+        values.iter().map(|&x| self.base_sorted.normal_score(x)).sum::<f64>() / values.len() as f64
     }
 
     // -----------------------------------------------------------------------------------
@@ -959,6 +956,7 @@ impl Detector {
     // -----------------------------------------------------------------------------------
 
     fn windowed_check(&mut self) -> Option<Transition> {
+        self.base_sorted.flush();
         let firing = self.episode.is_some();
         let eval = self.evaluate(!firing);
         if !firing {
@@ -1034,11 +1032,11 @@ impl Detector {
 
     fn evaluate_numeric(&self, want_fire: bool) -> WindowEval {
         let cur = &self.cur_sorted;
-        let edges = stats::quantile_edges_sorted(&self.base_sorted, self.cfg.psi_bins);
-        let psi = stats::psi_from_counts(
-            &stats::bin_counts_sorted(&self.base_sorted, &edges),
-            &stats::bin_counts_sorted(cur, &edges),
-        );
+        // Borrowed: the windowed check merged the baseline's pending changes first.
+        let base = self.base_sorted.view();
+        let edges = stats::quantile_edges_sorted(&base, self.cfg.psi_bins);
+        let psi =
+            stats::psi_from_counts(&stats::bin_counts_sorted(&base, &edges), &stats::bin_counts_sorted(cur, &edges));
         // The scores the samples got on arrival: the baseline moves by one observation per
         // arrival (and not at all while held or firing), so this is the mean score against
         // the current baseline up to a negligible drift, without re-ranking the window.
@@ -1060,9 +1058,9 @@ impl Detector {
             if let Some(t) = self.cfg.psi_fire.filter(|&t| psi >= t) {
                 fire = Some(("psi", psi, t));
             } else if let Some(alpha) = self.cfg.ks_fire_p {
-                let ks = stats::ks_test_sorted(&self.base_sorted, cur);
+                let ks = stats::ks_test_sorted(&base, cur);
                 if ks.p_value <= alpha {
-                    fire = Some(("ks", ks.d, stats::ks_critical_d(alpha, self.base_sorted.len(), cur.len())));
+                    fire = Some(("ks", ks.d, stats::ks_critical_d(alpha, base.len(), cur.len())));
                 }
             }
         }
@@ -1074,7 +1072,7 @@ impl Detector {
             resolve: ("psi", psi, self.cfg.psi_resolve),
             severity,
             direction,
-            baseline_value: stats::median_sorted(&self.base_sorted),
+            baseline_value: stats::median_sorted(&base),
             current_value: stats::median_sorted(cur),
             category: None,
         }
@@ -1112,7 +1110,7 @@ impl Detector {
             ),
             SignalKind::Numeric => {
                 let cur = &self.cur_sorted;
-                (stats::median_sorted(&self.base_sorted), stats::median_sorted(cur), None)
+                (stats::median_sorted(&self.base_sorted.view()), stats::median_sorted(cur), None)
             }
             SignalKind::Categorical => {
                 let (category, b, c) = self.most_moved_category();
@@ -1150,6 +1148,7 @@ impl Detector {
     /// Ends a long episode by adopting the held observations (the new level) as the
     /// baseline.
     fn rebaseline(&mut self) -> Transition {
+        self.base_sorted.flush();
         let eval = self.evaluate(false);
         let (_, stat, threshold) = eval.resolve;
         let t = self.transition(false, "rebaseline", stat, threshold, &eval, eval.direction);
@@ -1165,7 +1164,7 @@ impl Detector {
         // The window's scores were against the old baseline.
         if self.kind == SignalKind::Numeric {
             for i in 0..self.current.len() {
-                let z = stats::normal_score(&self.base_sorted, self.current[i].v);
+                let z = self.base_sorted.normal_score(self.current[i].v);
                 self.current[i].z = z;
             }
         }
