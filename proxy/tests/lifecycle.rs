@@ -92,13 +92,23 @@ async fn five_hundred_concurrent_mixed_calls_leave_exactly_five_hundred_records(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_streams_on_every_worker_finish_then_exits_zero() {
     let mut env = start("workers = 3").await;
-    let mut threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", env.llmtap.child.id()))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
-        .map(|c| c.trim().to_owned())
-        .filter(|c| c.starts_with("llmtap-w"))
-        .collect();
-    threads.sort();
+    // A new thread names itself once it runs, which may be just after the port opens.
+    let worker_names = |pid: u32| {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .map(|c| c.trim().to_owned())
+            .filter(|c| c.starts_with("llmtap-w"))
+            .collect();
+        names.sort();
+        names
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut threads = worker_names(env.llmtap.child.id());
+    while threads.len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        threads = worker_names(env.llmtap.child.id());
+    }
     assert_eq!(threads, ["llmtap-w0", "llmtap-w1", "llmtap-w2"]);
 
     // Three streams at once: three connections, one per worker (least open first).
