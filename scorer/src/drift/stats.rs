@@ -682,8 +682,6 @@ impl LazySorted {
         if self.ins.is_empty() && self.del.is_empty() {
             return;
         }
-        self.ins.sort_by(f64::total_cmp);
-        self.del.sort_by(f64::total_cmp);
         self.sorted = merge_sorted(&self.sorted, &self.ins, &self.del);
         self.ins.clear();
         self.del.clear();
@@ -694,11 +692,7 @@ impl LazySorted {
         if self.ins.is_empty() && self.del.is_empty() {
             std::borrow::Cow::Borrowed(&self.sorted)
         } else {
-            let mut ins = self.ins.clone();
-            let mut del = self.del.clone();
-            ins.sort_by(f64::total_cmp);
-            del.sort_by(f64::total_cmp);
-            std::borrow::Cow::Owned(merge_sorted(&self.sorted, &ins, &del))
+            std::borrow::Cow::Owned(merge_sorted(&self.sorted, &self.ins, &self.del))
         }
     }
 
@@ -720,9 +714,13 @@ impl LazySorted {
     }
 }
 
-/// `sorted` with the ascending `ins` added and the ascending `del` removed (one copy each),
-/// copying the runs between the changes whole.
+/// `sorted` with `ins` added and `del` removed (one copy each), copying the runs between
+/// the changes whole. `ins` and `del` are the few pending changes, in any order.
 fn merge_sorted(sorted: &[f64], ins: &[f64], del: &[f64]) -> Vec<f64> {
+    let mut ins = ins.to_vec();
+    let mut del = del.to_vec();
+    ins.sort_by(f64::total_cmp);
+    del.sort_by(f64::total_cmp);
     let mut out = Vec::with_capacity((sorted.len() + ins.len()).saturating_sub(del.len()));
     let (mut at, mut i, mut d) = (0, 0, 0);
     while i < ins.len() || d < del.len() {
