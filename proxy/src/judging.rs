@@ -11,6 +11,7 @@ use llmtap_ingest::export::prometheus::prom::{
 use llmtap_ingest::export::prometheus::LlmMetrics;
 use llmtap_ingest::record::ScoreRecord;
 use llmtap_scorer::agreement::AgreementTracker;
+use llmtap_scorer::drift::runner::DriftStats;
 use llmtap_scorer::runner::{ScorerStats, VerdictObserver};
 
 pub struct JudgeMetrics {
@@ -19,8 +20,10 @@ pub struct JudgeMetrics {
     agreement: GaugeVec,
     pairs: IntGaugeVec,
     dropped: IntCounter,
+    drift_inputs: IntCounterVec,
     pub tracker: Arc<Mutex<AgreementTracker>>,
     stats: Mutex<Option<Arc<ScorerStats>>>,
+    drift: Mutex<Option<Arc<DriftStats>>>,
 }
 
 impl JudgeMetrics {
@@ -48,17 +51,41 @@ impl JudgeMetrics {
             "llmtap_scorer_dropped_total",
             "Sampled calls not judged because the scorer queue was full.",
         )?;
+        let drift_inputs = IntCounterVec::new(
+            Opts::new(
+                "llmtap_drift_calls_skipped_total",
+                "Calls the in-memory drift source did not observe: sampled (above drift.max_calls_per_sec) or dropped (queue full).",
+            ),
+            &["reason"],
+        )?;
         let r = metrics.registry();
+        r.register(Box::new(drift_inputs.clone()))?;
         r.register(Box::new(verdicts.clone()))?;
         r.register(Box::new(cost.clone()))?;
         r.register(Box::new(agreement.clone()))?;
         r.register(Box::new(pairs.clone()))?;
         r.register(Box::new(dropped.clone()))?;
-        Ok(Arc::new(JudgeMetrics { verdicts, cost, agreement, pairs, dropped, tracker, stats: Mutex::new(None) }))
+        Ok(Arc::new(JudgeMetrics {
+            verdicts,
+            cost,
+            agreement,
+            pairs,
+            dropped,
+            drift_inputs,
+            tracker,
+            stats: Mutex::new(None),
+            drift: Mutex::new(None),
+        }))
     }
 
     pub fn set_stats(&self, stats: Arc<ScorerStats>) {
         if let Ok(mut s) = self.stats.lock() {
+            *s = Some(stats);
+        }
+    }
+
+    pub fn set_drift_stats(&self, stats: Arc<DriftStats>) {
+        if let Ok(mut s) = self.drift.lock() {
             *s = Some(stats);
         }
     }
@@ -74,16 +101,24 @@ impl JudgeMetrics {
             }
         }
         if let Some(s) = self.stats.lock().ok().and_then(|s| s.clone()) {
-            let now = s.dropped.load(Ordering::Relaxed);
-            let seen = self.dropped.get();
-            if now > seen {
-                self.dropped.inc_by(now - seen);
-            }
+            catch_up(&self.dropped, s.dropped.load(Ordering::Relaxed));
+        }
+        if let Some(s) = self.drift.lock().ok().and_then(|s| s.clone()) {
+            catch_up(&self.drift_inputs.with_label_values(&["sampled"]), s.sampled_out.load(Ordering::Relaxed));
+            catch_up(&self.drift_inputs.with_label_values(&["dropped"]), s.dropped.load(Ordering::Relaxed));
         }
     }
 
     pub fn observer(self: &Arc<Self>) -> Box<dyn VerdictObserver> {
         Box::new(Observer(self.clone()))
+    }
+}
+
+/// Raises a counter to a total kept elsewhere.
+fn catch_up(counter: &IntCounter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
     }
 }
 

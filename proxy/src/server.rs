@@ -75,7 +75,7 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
         .map_err(|e| {
             anyhow::anyhow!("data_dir = {:?}: cannot open the drift log: {e}", cfg.raw.data_dir.display().to_string())
         })?;
-        observers.push(Box::new(sender.clone()));
+        observers.push(Box::new(sender.calls(cfg.raw.drift.max_calls_per_sec)));
         Some((sender, handle))
     } else {
         None
@@ -86,6 +86,9 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
     }
     let judging = crate::judging::JudgeMetrics::register(&metrics, Arc::new(std::sync::Mutex::new(tracker)))
         .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    if let Some((_, handle)) = &drift {
+        judging.set_drift_stats(handle.stats.clone());
+    }
     let scorer = if cfg.judges.is_empty() || !cfg.raw.scorer.in_process {
         None
     } else {

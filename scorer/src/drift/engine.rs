@@ -178,6 +178,9 @@ pub struct DriftConfig {
     pub max_detectors: usize,
     /// Queue from the recorder and scorer; when full, inputs are dropped and counted.
     pub queue_capacity: usize,
+    /// Most calls a second per app the in-memory source observes; above it, an even sample
+    /// (see `runner::DriftCalls`). 0 observes every call.
+    pub max_calls_per_sec: u32,
     /// Per-signal overrides, by signal name.
     pub signals: BTreeMap<String, SignalOverride>,
     /// Where alerts go.
@@ -193,6 +196,7 @@ impl Default for DriftConfig {
             source: "memory".into(),
             max_detectors: 20_000,
             queue_capacity: 65_536,
+            max_calls_per_sec: 200,
             signals: BTreeMap::new(),
             webhooks: Vec::new(),
             clickhouse: Default::default(),

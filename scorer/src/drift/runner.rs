@@ -25,7 +25,10 @@ use crate::runner::VerdictObserver;
 #[derive(Debug, Default)]
 pub struct DriftStats {
     pub events: AtomicU64,
+    /// Inputs lost to a full queue.
     pub dropped: AtomicU64,
+    /// Calls left out by `drift.max_calls_per_sec` (sampling, not loss).
+    pub sampled_out: AtomicU64,
     pub webhook_failures: AtomicU64,
     pub webhook_deliveries: AtomicU64,
 }
@@ -53,9 +56,193 @@ impl DriftSender {
     }
 }
 
-impl RecordObserver for DriftSender {
+impl DriftSender {
+    /// The recorder's observer: every call, or at most `max_per_sec` calls a second per app
+    /// (0: every call).
+    pub fn calls(&self, max_per_sec: u32) -> DriftCalls {
+        DriftCalls { sender: self.clone(), limit: (max_per_sec > 0).then(|| PerApp::new(max_per_sec)) }
+    }
+}
+
+/// Hands calls to the drift thread, thinned per app above `drift.max_calls_per_sec`.
+///
+/// The detectors count observations, not seconds, and each call costs them a few
+/// microseconds and a sweep over 5,000-value windows every 25 calls. Above a few hundred
+/// calls a second more calls buy no earlier alarm that matters (80 calls is 0.4 s at 200/s)
+/// but do buy cache misses for the proxy's workers on the same cores. A per-app token
+/// bucket on the calls' own timestamps keeps the rate, and a busy app cannot crowd a quiet
+/// one out. Its admission threshold is drawn at random, so the sample is independent of
+/// what the calls contain: a plain bucket takes every k-th call, which a periodic pattern
+/// in the traffic (every 10th call fails) would alias into a wrong rate.
+pub struct DriftCalls {
+    sender: DriftSender,
+    limit: Option<PerApp>,
+}
+
+impl RecordObserver for DriftCalls {
     fn observe(&mut self, record: &TraceRecord, _meta: &ObservedMeta) {
-        self.send(Input::Call(Box::new(record.into())));
+        if record.tags.contains_key(crate::llm::JUDGE_TAG) {
+            return; // a judge's own call is never watched
+        }
+        if let Some(limit) = &mut self.limit {
+            let at_ms = record.ts.0.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+            if !limit.admit(&record.app, at_ms) {
+                self.sender.stats.sampled_out.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        self.sender.send(Input::Call(Box::new(record.into())));
+    }
+}
+
+/// Token buckets by app: `rate` tokens a second, one second's worth of burst.
+struct PerApp {
+    rate: f64,
+    apps: std::collections::HashMap<String, Bucket>,
+    /// Shared by apps beyond `MAX_APPS`, so an unbounded app label cannot grow memory.
+    overflow: Bucket,
+    /// xorshift64 state for the admission thresholds.
+    rng: u64,
+}
+
+struct Bucket {
+    tokens: f64,
+    at_ms: f64,
+}
+
+impl PerApp {
+    const MAX_APPS: usize = 10_000;
+
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate);
+        PerApp {
+            rate,
+            apps: Default::default(),
+            overflow: Bucket { tokens: rate, at_ms: 0.0 },
+            rng: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    /// Whether a call of `app` at `at_ms` (call timestamps; an earlier one counts as the
+    /// latest seen) is observed.
+    fn admit(&mut self, app: &str, at_ms: f64) -> bool {
+        let rate = self.rate;
+        let b = if let Some(b) = self.apps.get_mut(app) {
+            b
+        } else if self.apps.len() < Self::MAX_APPS {
+            self.apps.entry(app.to_owned()).or_insert(Bucket { tokens: rate, at_ms })
+        } else {
+            &mut self.overflow
+        };
+        let elapsed = (at_ms - b.at_ms).max(0.0);
+        b.at_ms = b.at_ms.max(at_ms);
+        b.tokens = (b.tokens + elapsed * rate / 1000.0).min(rate);
+        // Admit when the tokens reach a uniform draw in [0, 1) and spend one: tokens stay
+        // above -1, so over any stretch the count admitted is the refill, within one call.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let threshold = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+        if b.tokens > threshold {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(app: &str, at_ms: u64, failed: bool) -> TraceRecord {
+        TraceRecord {
+            app: app.into(),
+            ts: llmtap_ingest::record::Timestamp(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + at_ms)),
+            error_kind: if failed {
+                llmtap_ingest::record::ErrorKind::HttpError
+            } else {
+                llmtap_ingest::record::ErrorKind::None
+            },
+            ..Default::default()
+        }
+    }
+
+    fn wire(max_per_sec: u32) -> (DriftCalls, mpsc::Receiver<Input>, Arc<DriftStats>) {
+        let (tx, rx) = mpsc::channel(1 << 20);
+        let stats = Arc::new(DriftStats::default());
+        (DriftSender { tx, stats: stats.clone() }.calls(max_per_sec), rx, stats)
+    }
+
+    fn received(rx: &mut mpsc::Receiver<Input>) -> Vec<super::super::engine::CallObs> {
+        let mut out = Vec::new();
+        while let Ok(Input::Call(c)) = rx.try_recv() {
+            out.push(*c);
+        }
+        out
+    }
+
+    #[test]
+    fn a_busy_app_is_thinned_to_the_rate_and_a_quiet_one_is_not() {
+        let (mut calls, mut rx, stats) = wire(250);
+        let meta = ObservedMeta::default();
+        // 8 s: "busy" at 1,000 calls/s, "quiet" at 50/s.
+        for ms in 0..8_000u64 {
+            calls.observe(&call("busy", ms, false), &meta);
+            if ms % 20 == 0 {
+                calls.observe(&call("quiet", ms, false), &meta);
+            }
+        }
+        let got = received(&mut rx);
+        let busy = got.iter().filter(|c| c.app == "busy").count();
+        let quiet = got.iter().filter(|c| c.app == "quiet").count();
+        // A full bucket (250) plus 0.25 a millisecond for 7,999 ms, within one call.
+        assert!((2_248..=2_251).contains(&busy), "busy: {busy}");
+        assert_eq!(quiet, 400);
+        assert_eq!(stats.sampled_out.load(Ordering::Relaxed), 8_000 - busy as u64);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_sample_keeps_a_periodic_failure_rate() {
+        let (mut calls, mut rx, _) = wire(250);
+        let meta = ObservedMeta::default();
+        // Every 10th call fails; a stride of 4 would see 20% or none of them.
+        for ms in 0..40_000u64 {
+            calls.observe(&call("busy", ms, ms % 10 == 0), &meta);
+        }
+        let got = received(&mut rx);
+        let failed = got.iter().filter(|c| c.failed).count() as f64 / got.len() as f64;
+        assert!((0.09..=0.11).contains(&failed), "failure rate in the sample: {failed} of {}", got.len());
+    }
+
+    #[test]
+    fn zero_observes_every_call_and_judge_calls_never() {
+        let (mut calls, mut rx, stats) = wire(0);
+        let meta = ObservedMeta::default();
+        for ms in 0..5_000u64 {
+            calls.observe(&call("busy", ms / 10, false), &meta);
+        }
+        let mut judge = call("busy", 600, false);
+        judge.tags.insert(crate::llm::JUDGE_TAG.into(), "cites_plan".into());
+        calls.observe(&judge, &meta);
+        assert_eq!(received(&mut rx).len(), 5_000);
+        assert_eq!(stats.sampled_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn late_and_out_of_order_timestamps_add_no_tokens() {
+        let (mut calls, mut rx, _) = wire(100);
+        let meta = ObservedMeta::default();
+        // 100 at t = 10 s spend the bucket; 50 that started earlier get nothing back.
+        for _ in 0..100 {
+            calls.observe(&call("a", 10_000, false), &meta);
+        }
+        for ms in 0..50 {
+            calls.observe(&call("a", 9_000 + ms, false), &meta);
+        }
+        assert!((99..=101).contains(&received(&mut rx).len()));
     }
 }
 
