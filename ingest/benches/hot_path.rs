@@ -30,6 +30,20 @@ fn frames(body: &[u8], size: usize) -> Vec<Bytes> {
     body.chunks(size).map(Bytes::copy_from_slice).collect()
 }
 
+/// `body` cut after each blank line: one SSE event per frame.
+fn event_frames(body: &[u8]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(i) = body[at..].windows(2).position(|w| w == b"\n\n") {
+        out.push(Bytes::copy_from_slice(&body[at..at + i + 2]));
+        at += i + 2;
+    }
+    if at < body.len() {
+        out.push(Bytes::copy_from_slice(&body[at..]));
+    }
+    out
+}
+
 fn run_exchange(
     kind: ProviderKind,
     path: &str,
@@ -111,6 +125,18 @@ fn bench_stripper(c: &mut Criterion) {
             let mut s = StreamUsageStripper::new();
             let mut n = 0;
             for f in &fs {
+                n += s.push(f).len();
+            }
+            black_box(n + s.finish().len())
+        })
+    });
+    // As most upstreams write: one event per frame.
+    let events = event_frames(&body);
+    g.bench_function("openai/chat_stream/event_per_frame", |b| {
+        b.iter(|| {
+            let mut s = StreamUsageStripper::new();
+            let mut n = 0;
+            for f in &events {
                 n += s.push(f).len();
             }
             black_box(n + s.finish().len())

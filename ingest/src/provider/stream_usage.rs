@@ -24,8 +24,20 @@ impl StreamUsageStripper {
 
     /// Takes a frame from upstream; returns the bytes to forward now (possibly empty).
     pub fn push(&mut self, frame: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(frame.len());
+        if self.pending.is_empty() {
+            // Nothing held over (the usual case: one or more whole events per frame): read
+            // the events straight from the frame and keep only an unfinished tail.
+            let mut at = 0;
+            while let Some(end) = event_end(&frame[at..], 0) {
+                rewrite_event(&frame[at..at + end], &mut out);
+                at += end;
+            }
+            self.pending.extend_from_slice(&frame[at..]);
+            self.scan_from = self.pending.len().saturating_sub(3);
+            return out.freeze();
+        }
         self.pending.extend_from_slice(frame);
-        let mut out = BytesMut::new();
         loop {
             let Some(end) = event_end(&self.pending, self.scan_from) else {
                 self.scan_from = self.pending.len().saturating_sub(3);
@@ -121,6 +133,10 @@ fn rewrite_event(event: &[u8], out: &mut BytesMut) {
 
 /// The final chunk that `include_usage` adds: empty `choices` and a usage object.
 fn is_usage_only_chunk(data: &[u8]) -> bool {
+    // Content chunks have no empty array anywhere, and skip the parse.
+    if !has_empty_array(data) {
+        return false;
+    }
     #[derive(serde::Deserialize)]
     struct Probe<'a> {
         #[serde(borrow)]
@@ -132,6 +148,21 @@ fn is_usage_only_chunk(data: &[u8]) -> bool {
         Ok(p) => p.choices.is_some_and(|c| c.is_empty()) && p.usage.is_some_and(|u| u.get() != "null"),
         Err(_) => false,
     }
+}
+
+/// Whether `data` holds `[`, optional whitespace, `]`. An empty JSON array always does (no
+/// escape can hide the brackets); the converse may be text inside a string.
+fn has_empty_array(data: &[u8]) -> bool {
+    let mut rest = data;
+    while let Some(i) = rest.iter().position(|&b| b == b'[') {
+        rest = &rest[i + 1..];
+        match rest.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+            Some(b']') => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
+    false
 }
 
 /// Span of the top-level `"usage":null` member including one adjoining comma.
@@ -222,6 +253,17 @@ data: [DONE]\n\n";
     fn azure_prompt_filter_chunk_with_empty_choices_is_kept() {
         let src = b"data: {\"choices\":[],\"prompt_filter_results\":[],\"usage\":null}\n\n";
         assert_eq!(run(&[src]), b"data: {\"choices\":[],\"prompt_filter_results\":[]}\n\n");
+    }
+
+    #[test]
+    fn empty_arrays_are_found_with_whitespace_and_not_invented() {
+        assert!(has_empty_array(br#"{"choices":[],"usage":{}}"#));
+        assert!(has_empty_array(b"{\"choices\": [ \n\t ],\"usage\":{}}"));
+        assert!(!has_empty_array(br#"{"choices":[{"delta":{"content":"[x]"}}],"usage":null}"#));
+        assert!(!has_empty_array(b"{\"a\":[ "));
+        // Spaced out the same way, the usage chunk is still dropped.
+        let src = b"data: {\"choices\": [ ], \"usage\": {\"prompt_tokens\": 3}}\n\ndata: [DONE]\n\n";
+        assert_eq!(run(&[src]), b"data: [DONE]\n\n");
     }
 
     #[test]
