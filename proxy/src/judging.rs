@@ -53,8 +53,8 @@ impl JudgeMetrics {
         )?;
         let drift_inputs = IntCounterVec::new(
             Opts::new(
-                "llmtap_drift_calls_skipped_total",
-                "Calls the in-memory drift source did not observe: sampled (above drift.max_calls_per_sec) or dropped (queue full).",
+                "llmtap_drift_inputs_skipped_total",
+                "Inputs the in-memory drift source did not observe: calls sampled out (above drift.max_calls_per_sec), or calls, verdicts and feedback dropped on a full queue.",
             ),
             &["reason"],
         )?;

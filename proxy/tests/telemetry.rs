@@ -444,3 +444,38 @@ rubric = "{{{{output}}}}"
     assert!(err.get("gen_ai.evaluation.score.value").is_none());
     assert!(err["gen_ai.evaluation.explanation"].as_str().unwrap().starts_with("unreadable judge answer"), "{err:?}");
 }
+
+/// The value of `llmtap_drift_inputs_skipped_total{reason}` in an exposition.
+fn skipped(metrics: &str, reason: &str) -> u64 {
+    let prefix = format!("llmtap_drift_inputs_skipped_total{{reason=\"{reason}\"}} ");
+    let line = metrics.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix}in:\n{metrics}"));
+    line[prefix.len()..].trim().parse().unwrap()
+}
+
+/// Here rather than with the drift tests: those watch latency, and must not share the
+/// machine with a burst of calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_app_is_sampled_for_drift_and_every_call_is_still_traced() {
+    let mut env = start("[drift]\nmax_calls_per_sec = 10\n").await;
+    let url = env.llmtap.url("/v1/chat/completions");
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let started = Instant::now();
+    for _ in 0..200 {
+        let r = post_json(&env.client, &url, &[("x-llmtap-app", "busy")], &body).await;
+        assert_eq!(r.status, 200);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(records_at_least(&env.llmtap.data_dir, 200).await.len(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await; // the recorder's last batch
+    let metrics =
+        String::from_utf8(get(&env.client, &format!("http://{}/metrics", env.llmtap.admin)).await.body.to_vec())
+            .unwrap();
+    let observed = 200 - skipped(&metrics, "sampled");
+    // The first 10 of a second are kept, then the k-th with odds 10/k: at most about
+    // 10 × (1 + ln 200) = 63 in each second the calls touched.
+    let most = (10.0 * (1.0 + 200f64.ln()) * (secs.ceil() + 1.0)) as u64;
+    assert!((10..=most).contains(&observed), "{observed} observed in {secs:.2} s (at most {most})");
+    assert_eq!(skipped(&metrics, "dropped"), 0);
+    env.llmtap.terminate().unwrap();
+    assert!(env.llmtap.wait_exit(Duration::from_secs(20)).unwrap().success());
+}

@@ -178,8 +178,8 @@ pub struct DriftConfig {
     pub max_detectors: usize,
     /// Queue from the recorder and scorer; when full, inputs are dropped and counted.
     pub queue_capacity: usize,
-    /// Most calls a second per app the in-memory source observes; above it, an even sample
-    /// (see `runner::DriftCalls`). 0 observes every call.
+    /// Most calls a second per app the in-memory source observes; above it, a random sample
+    /// of that size (see `runner::DriftCalls`). 0 observes every call.
     pub max_calls_per_sec: u32,
     /// Per-signal overrides, by signal name.
     pub signals: BTreeMap<String, SignalOverride>,

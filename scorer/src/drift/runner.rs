@@ -69,11 +69,13 @@ impl DriftSender {
 /// The detectors count observations, not seconds, and each call costs them a few
 /// microseconds and a sweep over 5,000-value windows every 25 calls. Above a few hundred
 /// calls a second more calls buy no earlier alarm that matters (80 calls is 0.4 s at 200/s)
-/// but do buy cache misses for the proxy's workers on the same cores. A per-app token
-/// bucket on the calls' own timestamps keeps the rate, and a busy app cannot crowd a quiet
-/// one out. Its admission threshold is drawn at random, so the sample is independent of
-/// what the calls contain: a plain bucket takes every k-th call, which a periodic pattern
-/// in the traffic (every 10th call fails) would alias into a wrong rate.
+/// but do buy cache misses for the proxy's workers on the same cores.
+///
+/// Each app has its own odds, so a busy app cannot crowd a quiet one out. Every call of a
+/// second is kept with the same odds, drawn independently, so the sample does not depend on
+/// what a call contains, how long it took or where it falls in a pattern. (A token bucket
+/// does: it keeps calls by their position in the arrival sequence, which aliases with
+/// periodic traffic, and with calls timed on their start it leans to fast calls.)
 pub struct DriftCalls {
     sender: DriftSender,
     limit: Option<PerApp>,
@@ -85,8 +87,9 @@ impl RecordObserver for DriftCalls {
             return; // a judge's own call is never watched
         }
         if let Some(limit) = &mut self.limit {
-            let at_ms = record.ts.0.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-            if !limit.admit(&record.app, at_ms) {
+            // Calls reach the recorder as they end, so seconds are counted on end times.
+            let started = record.ts.0.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+            if !limit.admit(&record.app, started + record.duration_ms.max(0.0)) {
                 self.sender.stats.sampled_out.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -95,154 +98,67 @@ impl RecordObserver for DriftCalls {
     }
 }
 
-/// Token buckets by app: `rate` tokens a second, one second's worth of burst.
+/// Per-app odds of observing a call: `rate` over the app's calls in the busier of the last
+/// second and this one so far (1 while that is at most `rate`).
+///
+/// In a steady second that keeps `rate` calls on average. When traffic jumps, the odds fall
+/// as the new second's count grows, so a jump from nothing to `N` calls keeps about
+/// `rate × (1 + ln(N / rate))` in its first second, then `rate`.
 struct PerApp {
     rate: f64,
-    apps: std::collections::HashMap<String, Bucket>,
+    apps: std::collections::HashMap<String, Second>,
     /// Shared by apps beyond `MAX_APPS`, so an unbounded app label cannot grow memory.
-    overflow: Bucket,
-    /// xorshift64 state for the admission thresholds.
+    overflow: Second,
+    /// xorshift64 state for the draws.
     rng: u64,
 }
 
-struct Bucket {
-    tokens: f64,
-    at_ms: f64,
+#[derive(Default)]
+struct Second {
+    start_ms: f64,
+    seen: u32,
+    last: u32,
 }
 
 impl PerApp {
     const MAX_APPS: usize = 10_000;
 
     fn new(rate: u32) -> Self {
-        let rate = f64::from(rate);
         PerApp {
-            rate,
+            rate: f64::from(rate),
             apps: Default::default(),
-            overflow: Bucket { tokens: rate, at_ms: 0.0 },
+            overflow: Second::default(),
             rng: 0x9e37_79b9_7f4a_7c15,
         }
     }
 
-    /// Whether a call of `app` at `at_ms` (call timestamps; an earlier one counts as the
-    /// latest seen) is observed.
+    /// Whether a call of `app` that ended at `at_ms` is observed. A time more than a second
+    /// before the current second's start (the clock was set back) starts a new second.
     fn admit(&mut self, app: &str, at_ms: f64) -> bool {
-        let rate = self.rate;
-        let b = if let Some(b) = self.apps.get_mut(app) {
-            b
+        let s = if let Some(s) = self.apps.get_mut(app) {
+            s
         } else if self.apps.len() < Self::MAX_APPS {
-            self.apps.entry(app.to_owned()).or_insert(Bucket { tokens: rate, at_ms })
+            self.apps.entry(app.to_owned()).or_insert(Second { start_ms: at_ms, seen: 0, last: 0 })
         } else {
             &mut self.overflow
         };
-        let elapsed = (at_ms - b.at_ms).max(0.0);
-        b.at_ms = b.at_ms.max(at_ms);
-        b.tokens = (b.tokens + elapsed * rate / 1000.0).min(rate);
-        // Admit when the tokens reach a uniform draw in [0, 1) and spend one: tokens stay
-        // above -1, so over any stretch the count admitted is the refill, within one call.
+        if at_ms >= s.start_ms + 1000.0 || at_ms < s.start_ms - 1000.0 {
+            // The second that just ended sets the odds, unless a quiet one came between.
+            let next = at_ms >= s.start_ms + 1000.0 && at_ms < s.start_ms + 2000.0;
+            s.last = if next { s.seen } else { 0 };
+            s.start_ms = at_ms;
+            s.seen = 0;
+        }
+        s.seen = s.seen.saturating_add(1);
+        let busiest = f64::from(s.last.max(s.seen));
+        if busiest <= self.rate {
+            return true;
+        }
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
-        let threshold = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
-        if b.tokens > threshold {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn call(app: &str, at_ms: u64, failed: bool) -> TraceRecord {
-        TraceRecord {
-            app: app.into(),
-            ts: llmtap_ingest::record::Timestamp(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + at_ms)),
-            error_kind: if failed {
-                llmtap_ingest::record::ErrorKind::HttpError
-            } else {
-                llmtap_ingest::record::ErrorKind::None
-            },
-            ..Default::default()
-        }
-    }
-
-    fn wire(max_per_sec: u32) -> (DriftCalls, mpsc::Receiver<Input>, Arc<DriftStats>) {
-        let (tx, rx) = mpsc::channel(1 << 20);
-        let stats = Arc::new(DriftStats::default());
-        (DriftSender { tx, stats: stats.clone() }.calls(max_per_sec), rx, stats)
-    }
-
-    fn received(rx: &mut mpsc::Receiver<Input>) -> Vec<super::super::engine::CallObs> {
-        let mut out = Vec::new();
-        while let Ok(Input::Call(c)) = rx.try_recv() {
-            out.push(*c);
-        }
-        out
-    }
-
-    #[test]
-    fn a_busy_app_is_thinned_to_the_rate_and_a_quiet_one_is_not() {
-        let (mut calls, mut rx, stats) = wire(250);
-        let meta = ObservedMeta::default();
-        // 8 s: "busy" at 1,000 calls/s, "quiet" at 50/s.
-        for ms in 0..8_000u64 {
-            calls.observe(&call("busy", ms, false), &meta);
-            if ms % 20 == 0 {
-                calls.observe(&call("quiet", ms, false), &meta);
-            }
-        }
-        let got = received(&mut rx);
-        let busy = got.iter().filter(|c| c.app == "busy").count();
-        let quiet = got.iter().filter(|c| c.app == "quiet").count();
-        // A full bucket (250) plus 0.25 a millisecond for 7,999 ms, within one call.
-        assert!((2_248..=2_251).contains(&busy), "busy: {busy}");
-        assert_eq!(quiet, 400);
-        assert_eq!(stats.sampled_out.load(Ordering::Relaxed), 8_000 - busy as u64);
-        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn the_sample_keeps_a_periodic_failure_rate() {
-        let (mut calls, mut rx, _) = wire(250);
-        let meta = ObservedMeta::default();
-        // Every 10th call fails; a stride of 4 would see 20% or none of them.
-        for ms in 0..40_000u64 {
-            calls.observe(&call("busy", ms, ms % 10 == 0), &meta);
-        }
-        let got = received(&mut rx);
-        let failed = got.iter().filter(|c| c.failed).count() as f64 / got.len() as f64;
-        assert!((0.09..=0.11).contains(&failed), "failure rate in the sample: {failed} of {}", got.len());
-    }
-
-    #[test]
-    fn zero_observes_every_call_and_judge_calls_never() {
-        let (mut calls, mut rx, stats) = wire(0);
-        let meta = ObservedMeta::default();
-        for ms in 0..5_000u64 {
-            calls.observe(&call("busy", ms / 10, false), &meta);
-        }
-        let mut judge = call("busy", 600, false);
-        judge.tags.insert(crate::llm::JUDGE_TAG.into(), "cites_plan".into());
-        calls.observe(&judge, &meta);
-        assert_eq!(received(&mut rx).len(), 5_000);
-        assert_eq!(stats.sampled_out.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn late_and_out_of_order_timestamps_add_no_tokens() {
-        let (mut calls, mut rx, _) = wire(100);
-        let meta = ObservedMeta::default();
-        // 100 at t = 10 s spend the bucket; 50 that started earlier get nothing back.
-        for _ in 0..100 {
-            calls.observe(&call("a", 10_000, false), &meta);
-        }
-        for ms in 0..50 {
-            calls.observe(&call("a", 9_000 + ms, false), &meta);
-        }
-        assert!((99..=101).contains(&received(&mut rx).len()));
+        let draw = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+        draw < self.rate / busiest
     }
 }
 
@@ -574,4 +490,151 @@ async fn restore(fleet: &mut FleetEngine, fetch: &dyn FleetFetch, db: &str, from
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call of `app` that ended at `at_ms` (and took no time).
+    fn call(app: &str, at_ms: u64, failed: bool) -> TraceRecord {
+        TraceRecord {
+            app: app.into(),
+            ts: llmtap_ingest::record::Timestamp(UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + at_ms)),
+            error_kind: if failed {
+                llmtap_ingest::record::ErrorKind::HttpError
+            } else {
+                llmtap_ingest::record::ErrorKind::None
+            },
+            ..Default::default()
+        }
+    }
+
+    fn wire(max_per_sec: u32) -> (DriftCalls, mpsc::Receiver<Input>, Arc<DriftStats>) {
+        let (tx, rx) = mpsc::channel(1 << 20);
+        let stats = Arc::new(DriftStats::default());
+        (DriftSender { tx, stats: stats.clone() }.calls(max_per_sec), rx, stats)
+    }
+
+    fn received(rx: &mut mpsc::Receiver<Input>) -> Vec<super::super::engine::CallObs> {
+        let mut out = Vec::new();
+        while let Ok(Input::Call(c)) = rx.try_recv() {
+            out.push(*c);
+        }
+        out
+    }
+
+    #[test]
+    fn a_busy_app_is_thinned_to_the_rate_and_a_quiet_one_is_not() {
+        let (mut calls, mut rx, stats) = wire(250);
+        let meta = ObservedMeta::default();
+        let mut busy = Vec::new();
+        let mut quiet = 0;
+        // 8 s: "busy" at 1,000 calls/s, "quiet" at 50/s.
+        for second in 0..8u64 {
+            for ms in second * 1000..(second + 1) * 1000 {
+                calls.observe(&call("busy", ms, false), &meta);
+                if ms % 20 == 0 {
+                    calls.observe(&call("quiet", ms, false), &meta);
+                }
+            }
+            let got = received(&mut rx);
+            busy.push(got.iter().filter(|c| c.app == "busy").count());
+            quiet += got.iter().filter(|c| c.app == "quiet").count();
+        }
+        // The first second: 250, then odds of 250/n for the n-th call, about 250 × ln 4 more.
+        assert!((540..=650).contains(&busy[0]), "first second: {busy:?}");
+        // Then 250 a second: 1,750 in 7 s, binomial sd 36.
+        let steady: usize = busy[1..].iter().sum();
+        assert!((1_600..=1_900).contains(&steady), "{busy:?}");
+        assert_eq!(quiet, 400);
+        let kept: usize = busy.iter().sum();
+        assert_eq!(stats.sampled_out.load(Ordering::Relaxed), 8_000 - kept as u64);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_sample_keeps_a_periodic_failure_rate() {
+        let (mut calls, mut rx, _) = wire(250);
+        let meta = ObservedMeta::default();
+        // Every 10th call fails; a stride of 4 would see 20% or none of them.
+        for ms in 0..40_000u64 {
+            calls.observe(&call("busy", ms, ms % 10 == 0), &meta);
+        }
+        let got = received(&mut rx);
+        let failed = got.iter().filter(|c| c.failed).count() as f64 / got.len() as f64;
+        assert!((0.09..=0.11).contains(&failed), "failure rate in the sample: {failed} of {}", got.len());
+    }
+
+    #[test]
+    fn zero_observes_every_call_and_judge_calls_never() {
+        let (mut calls, mut rx, stats) = wire(0);
+        let meta = ObservedMeta::default();
+        for ms in 0..5_000u64 {
+            calls.observe(&call("busy", ms / 10, false), &meta);
+        }
+        let mut judge = call("busy", 600, false);
+        judge.tags.insert(crate::llm::JUDGE_TAG.into(), "cites_plan".into());
+        calls.observe(&judge, &meta);
+        assert_eq!(received(&mut rx).len(), 5_000);
+        assert_eq!(stats.sampled_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn slow_calls_are_sampled_as_often_as_fast_ones() {
+        let (mut calls, mut rx, _) = wire(250);
+        let meta = ObservedMeta::default();
+        // 60 s at 1,000 calls/s, every other one taking 2 s instead of 50 ms, shown to the
+        // sampler in the order they end (as the recorder sees them). Only the first and last
+        // 2 s are lopsided (fast calls end first, slow ones last): about 1% of the sample.
+        let mut finished: Vec<TraceRecord> = (0..60_000u64)
+            .map(|ms| {
+                let mut c = call("busy", ms, false);
+                c.duration_ms = if ms % 2 == 0 { 2_000.0 } else { 50.0 };
+                c
+            })
+            .collect();
+        finished.sort_by(|a, b| {
+            let end = |c: &TraceRecord| c.ts.0 + Duration::from_secs_f64(c.duration_ms / 1000.0);
+            end(a).cmp(&end(b))
+        });
+        for c in &finished {
+            calls.observe(c, &meta);
+        }
+        let got = received(&mut rx);
+        let slow = got.iter().filter(|c| c.duration_ms > 1_000.0).count() as f64 / got.len() as f64;
+        assert!((0.48..=0.52).contains(&slow), "slow calls are {slow} of a sample of {}", got.len());
+    }
+
+    #[test]
+    fn a_clock_set_back_does_not_starve_the_app() {
+        let (mut calls, mut rx, _) = wire(100);
+        let meta = ObservedMeta::default();
+        for ms in 0..10_000u64 {
+            calls.observe(&call("a", 60_000 + ms, false), &meta);
+        }
+        received(&mut rx);
+        // The clock steps back a minute: after the first second, 100 a second again.
+        for ms in 0..1_000u64 {
+            calls.observe(&call("a", ms, false), &meta);
+        }
+        received(&mut rx);
+        for ms in 1_000..10_000u64 {
+            calls.observe(&call("a", ms, false), &meta);
+        }
+        let after = received(&mut rx).len();
+        assert!((780..=1_020).contains(&after), "{after} in 9 s at 100 a second");
+    }
+
+    #[test]
+    fn a_sudden_burst_is_cut_to_the_rate_and_a_logarithmic_tail() {
+        let (mut calls, mut rx, _) = wire(100);
+        let meta = ObservedMeta::default();
+        // 1,000 calls in one millisecond: 100, then 100/k for the k-th.
+        for _ in 0..1_000 {
+            calls.observe(&call("a", 5_000, false), &meta);
+        }
+        let kept = received(&mut rx).len();
+        assert!((290..=370).contains(&kept), "{kept} (100 × (1 + ln 10) = 330)");
+    }
 }
