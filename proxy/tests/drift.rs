@@ -1,4 +1,4 @@
-//! Drift detection end to end through the real proxy, with no `[drift]` section: a rule
+//! Drift detection end to end through the real proxy, with default detectors: a rule
 //! judge's pass rate steps from 0.90 to 0.75 (→ one `judge_pass_rate` event, surface
 //! `prompt`), and, separately, every call starts costing three times as much while quality
 //! holds (→ a cost or token event, surface `model`).
@@ -74,7 +74,13 @@ fn firing(events: &[Value]) -> Vec<&Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_rate_drop_fires_once_and_points_at_the_prompt() {
-    let mut env = start(JUDGE).await;
+    // Latency here is the test machine's. In 2 of 4 CI runs on one day the pass-rate event
+    // pointed at the model, and latency is the only model-kind signal that can move in this
+    // traffic (no errors, refusals, tool calls or new models; fixed tokens and finish
+    // reason): a busy host fired it. This test is about the quality signal.
+    let config =
+        format!("{JUDGE}\n[drift.signals.latency_ms]\nenabled = false\n[drift.signals.ttft_ms]\nenabled = false\n");
+    let mut env = start(&config).await;
     let mut rng = Rng(0x5eed_1234);
     let drift = env.llmtap.data_dir.join("drift");
     phase(&env, &mut rng, 2000, 0.90, (11, 7)).await;
@@ -97,7 +103,7 @@ async fn a_pass_rate_drop_fires_once_and_points_at_the_prompt() {
     for e in &pass {
         assert_eq!(e["judge"], "cites_plan");
         assert_eq!(e["app"], "support-bot");
-        assert_eq!(e["control_surface"], "prompt", "{e}");
+        assert_eq!(e["control_surface"], "prompt", "{e}\nfiring: {:#?}", firing(&events));
         assert!(e["current_value"].as_f64().unwrap() < e["baseline_value"].as_f64().unwrap(), "{e}");
         assert!(e["baseline_n"].as_u64().unwrap() >= 500, "{e}");
         for col in ["ts", "method", "statistic", "threshold", "current_n", "severity", "route", "model"] {
