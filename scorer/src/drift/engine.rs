@@ -38,7 +38,7 @@ impl From<&TraceRecord> for CallObs {
             route: r.route.clone(),
             model: model_of(r).to_owned(),
             failed: r.error_kind != ErrorKind::None,
-            judge_call: r.tags.contains_key(crate::llm::JUDGE_TAG),
+            judge_call: is_judge_call(r),
             duration_ms: r.duration_ms,
             ttft_ms: (r.streamed && r.ttft_ms > 0.0).then_some(r.ttft_ms),
             cost_usd: r.cost_usd,
@@ -49,6 +49,11 @@ impl From<&TraceRecord> for CallObs {
             tool_calls: r.tool_calls.clone(),
         }
     }
+}
+
+/// A judge's own call, which drift never watches.
+pub fn is_judge_call(r: &TraceRecord) -> bool {
+    r.tags.contains_key(crate::llm::JUDGE_TAG)
 }
 
 /// What the engine consumes.

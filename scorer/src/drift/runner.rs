@@ -83,8 +83,8 @@ pub struct DriftCalls {
 
 impl RecordObserver for DriftCalls {
     fn observe(&mut self, record: &TraceRecord, _meta: &ObservedMeta) {
-        if record.tags.contains_key(crate::llm::JUDGE_TAG) {
-            return; // a judge's own call is never watched
+        if super::engine::is_judge_call(record) {
+            return; // never watched: not converted, queued or counted against the app
         }
         if let Some(limit) = &mut self.limit {
             // Calls reach the recorder as they end, so seconds are counted on end times.
@@ -109,8 +109,8 @@ struct PerApp {
     apps: std::collections::HashMap<String, Second>,
     /// Shared by apps beyond `MAX_APPS`, so an unbounded app label cannot grow memory.
     overflow: Second,
-    /// xorshift64 state for the draws.
-    rng: u64,
+    /// Seeded, so a run's sample can be replayed.
+    rng: fastrand::Rng,
 }
 
 #[derive(Default)]
@@ -128,7 +128,7 @@ impl PerApp {
             rate: f64::from(rate),
             apps: Default::default(),
             overflow: Second::default(),
-            rng: 0x9e37_79b9_7f4a_7c15,
+            rng: fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15),
         }
     }
 
@@ -154,11 +154,7 @@ impl PerApp {
         if busiest <= self.rate {
             return true;
         }
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let draw = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
-        draw < self.rate / busiest
+        self.rng.f64() < self.rate / busiest
     }
 }
 
