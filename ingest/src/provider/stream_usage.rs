@@ -71,6 +71,10 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
         }
     }
     while i < buf.len() {
+        if !at_line_start {
+            // Inside a line: jump to its end.
+            i += memchr::memchr2(b'\n', b'\r', &buf[i..])?;
+        }
         match buf[i] {
             b'\n' | b'\r' => {
                 let len = if buf[i] == b'\r' {
@@ -97,12 +101,27 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// The lines of `buf`, each with its terminator (`\n` or `\r`; `\r\n` ends two lines, the
+/// second empty, as `split_inclusive` on either byte would give).
+fn lines_inclusive(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = memchr::memchr2(b'\n', b'\r', rest).map_or(rest.len(), |i| i + 1);
+        let (line, tail) = rest.split_at(n);
+        rest = tail;
+        Some(line)
+    })
+}
+
 /// Writes `event` to `out` without the injected parts.
 fn rewrite_event(event: &[u8], out: &mut BytesMut) {
     // Find the data payload (OpenAI sends one `data:` line per event).
     let mut data_line: Option<(usize, usize)> = None;
     let mut pos = 0;
-    for line in event.split_inclusive(|&b| b == b'\n' || b == b'\r') {
+    for line in lines_inclusive(event) {
         if let Some(rest) = line.strip_prefix(b"data:") {
             let start = pos + 5 + usize::from(rest.first() == Some(&b' '));
             let end = pos + line.len() - line.iter().rev().take_while(|b| **b == b'\n' || **b == b'\r').count();
@@ -154,7 +173,7 @@ fn is_usage_only_chunk(data: &[u8]) -> bool {
 /// escape can hide the brackets); the converse may be text inside a string.
 fn has_empty_array(data: &[u8]) -> bool {
     let mut rest = data;
-    while let Some(i) = rest.iter().position(|&b| b == b'[') {
+    while let Some(i) = memchr::memchr(b'[', rest) {
         rest = &rest[i + 1..];
         match rest.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
             Some(b']') => return true,
@@ -169,23 +188,9 @@ fn has_empty_array(data: &[u8]) -> bool {
 fn find_usage_null(data: &[u8]) -> Option<(usize, usize)> {
     const NEEDLE: &[u8] = b"\"usage\":null";
     let mut depth = 0i32;
-    let mut in_str = false;
-    let mut esc = false;
     let mut i = 0;
     while i < data.len() {
-        let b = data[i];
-        if in_str {
-            if esc {
-                esc = false;
-            } else if b == b'\\' {
-                esc = true;
-            } else if b == b'"' {
-                in_str = false;
-            }
-            i += 1;
-            continue;
-        }
-        match b {
+        match data[i] {
             b'"' => {
                 if depth == 1 && data[i..].starts_with(NEEDLE) {
                     let after = i + NEEDLE.len();
@@ -196,7 +201,15 @@ fn find_usage_null(data: &[u8]) -> Option<(usize, usize)> {
                         return Some((i - 1, after));
                     }
                 }
-                in_str = true;
+                // Skip the string: to its closing quote, stepping over each escaped byte.
+                i += 1;
+                loop {
+                    i += memchr::memchr2(b'"', b'\\', data.get(i..)?)?;
+                    if data[i] == b'"' {
+                        break;
+                    }
+                    i += 2;
+                }
             }
             b'{' | b'[' => depth += 1,
             b'}' | b']' => depth -= 1,
@@ -264,6 +277,95 @@ data: [DONE]\n\n";
         // Spaced out the same way, the usage chunk is still dropped.
         let src = b"data: {\"choices\": [ ], \"usage\": {\"prompt_tokens\": 3}}\n\ndata: [DONE]\n\n";
         assert_eq!(run(&[src]), b"data: [DONE]\n\n");
+    }
+
+    /// The byte-at-a-time scanners these replaced, kept as the reference.
+    fn event_end_reference(buf: &[u8], from: usize) -> Option<usize> {
+        let mut i = from;
+        let mut at_line_start = from == 0;
+        if from > 0 {
+            at_line_start = matches!(buf.get(from - 1), Some(b'\n' | b'\r'));
+            if buf.get(from - 1) == Some(&b'\r') && buf.get(from) == Some(&b'\n') {
+                i += 1;
+            }
+        }
+        while i < buf.len() {
+            match buf[i] {
+                b'\n' | b'\r' => {
+                    let len = match (buf[i], buf.get(i + 1)) {
+                        (b'\r', Some(b'\n')) => 2,
+                        (b'\r', None) => return None,
+                        _ => 1,
+                    };
+                    if at_line_start {
+                        return Some(i + len);
+                    }
+                    at_line_start = true;
+                    i += len;
+                }
+                _ => {
+                    at_line_start = false;
+                    i += 1;
+                }
+            }
+        }
+        None
+    }
+
+    fn find_usage_null_reference(data: &[u8]) -> Option<(usize, usize)> {
+        const NEEDLE: &[u8] = b"\"usage\":null";
+        let (mut depth, mut in_str, mut esc) = (0i32, false, false);
+        for (i, &b) in data.iter().enumerate() {
+            if in_str {
+                if esc {
+                    esc = false;
+                } else if b == b'\\' {
+                    esc = true;
+                } else if b == b'"' {
+                    in_str = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => {
+                    if depth == 1 && data[i..].starts_with(NEEDLE) {
+                        let after = i + NEEDLE.len();
+                        if data.get(after) == Some(&b',') {
+                            return Some((i, after + 1));
+                        }
+                        if data.get(after) == Some(&b'}') && i > 0 && data[i - 1] == b',' {
+                            return Some((i - 1, after));
+                        }
+                    }
+                    in_str = true;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => depth -= 1,
+                _ => {}
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn scanners_agree_with_the_byte_at_a_time_reference() {
+        // Random strings over the bytes the scanners decide on, with whole needles mixed in.
+        const PIECES: &[&[u8]] =
+            &[b"\"", b"\\", b"{", b"}", b"[", b"]", b",", b":", b"\n", b"\r", b"a", b" ", b"\"usage\":null", b"data: "];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let mut buf = Vec::new();
+            for _ in 0..rng.usize(0..24) {
+                buf.extend_from_slice(PIECES[rng.usize(0..PIECES.len())]);
+            }
+            assert_eq!(find_usage_null(&buf), find_usage_null_reference(&buf), "{:?}", String::from_utf8_lossy(&buf));
+            for from in 0..=buf.len() {
+                assert_eq!(event_end(&buf, from), event_end_reference(&buf, from), "{buf:?} from {from}");
+            }
+            let lines: Vec<&[u8]> = lines_inclusive(&buf).collect();
+            let want: Vec<&[u8]> = buf.split_inclusive(|&b| b == b'\n' || b == b'\r').collect();
+            assert_eq!(lines, want);
+        }
     }
 
     #[test]
