@@ -47,20 +47,48 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
+///
+/// Most messages carry none of them, or only `transfer-encoding`: one pass over the names
+/// finds those present, and only they are looked up again to be removed.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    let mut present = [false; HOP_BY_HOP.len()];
+    let mut any = false;
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| name.as_str() == *hop) {
+            present[i] = true;
+            any = true;
+        }
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
+    if !any {
+        return;
     }
+    // `connection` is first in the list.
+    if present[0] {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        h.remove(*name);
+    }
+}
+
+/// `value` as `digits` lowercase hex digits (the low ones): trace and span ids without
+/// the formatting machinery.
+fn hex_id(value: u128, digits: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(digits);
+    for i in (0..digits).rev() {
+        s.push(char::from(HEX[((value >> (4 * i)) & 0xf) as usize]));
+    }
+    s
 }
 
 /// Request metadata from `x-llmtap-*` headers and `traceparent`; the llmtap headers are
@@ -104,9 +132,9 @@ fn take_meta(h: &mut HeaderMap, capture_default: bool) -> CallMeta {
             meta.trace_id = trace;
             meta.parent_span_id = span;
         }
-        None => meta.trace_id = format!("{:032x}", fastrand::u128(1..)),
+        None => meta.trace_id = hex_id(fastrand::u128(1..), 32),
     }
-    meta.span_id = format!("{:016x}", fastrand::u64(1..));
+    meta.span_id = hex_id(u128::from(fastrand::u64(1..)), 16);
     meta
 }
 
@@ -350,6 +378,14 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_zero_padded_lowercase_hex() {
+        assert_eq!(hex_id(0xabc, 16), "0000000000000abc");
+        assert_eq!(hex_id(u128::MAX, 32), "ffffffffffffffffffffffffffffffff");
+        let v = 0x0af7651916cd43dd8448eb211c80319c_u128;
+        assert_eq!(hex_id(v, 32), format!("{v:032x}"));
+    }
+
+    #[test]
     fn meta_headers_are_taken_and_stripped() {
         let mut h = HeaderMap::new();
         h.insert("x-llmtap-app", HeaderValue::from_static("bot"));
@@ -375,5 +411,14 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("text/event-stream"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+
+        let mut h = HeaderMap::new();
+        for name in HOP_BY_HOP.iter().chain(&["content-type", "x-kept"]) {
+            h.insert(*name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut kept: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["content-type", "x-kept"]);
     }
 }
