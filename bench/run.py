@@ -11,6 +11,12 @@ venv from `make test` exists). Scenarios: non-streaming at 1,000 and 5,000 req/s
 (open loop), streaming (20 chunks) at 500 req/s, closed loop with 64 connections,
 and 1,000 streams held open (a chunk every 50 ms for 10 s).
 
+Cores: on a machine with two or more, the proxy under test (nginx or llmtap) runs on cores
+of its own and the load generator, the mock and the ClickHouse engine on core 0
+(`--no-pin` shares every core, as the harness did before). A sidecar gets a CPU limit of its
+own in production; sharing two cores with the load generator measured the load generator's
+interference more than the proxy.
+
 Per target: achieved rate, errors, p50/p90/p99/p99.9/max of time to first byte (TTFT for
 streams) and total time, latency added over direct (difference of p50s and of p99s in the
 same round), proxy CPU microseconds per request (/proc utime+stime), peak RSS (VmHWM).
@@ -34,6 +40,18 @@ from datetime import datetime, timezone
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 CLK = os.sysconf("SC_CLK_TCK")
+
+# Cores for the load side (load generator, mock, ClickHouse engine) and for the proxy under
+# test; None: no pinning. Set in main().
+LOAD_CPUS = None
+PROXY_CPUS = None
+
+
+def pinned(cpus):
+    """A preexec_fn that pins the child (and every thread it starts) to `cpus`."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def free_port():
@@ -111,13 +129,13 @@ def children_of(pid):
 
 
 class Proc:
-    def __init__(self, name, args, env=None, port=None, cwd=None):
+    def __init__(self, name, args, env=None, port=None, cwd=None, cpus=None):
         self.name = name
         self.port = port
         e = dict(os.environ)
         e.update(env or {})
         self.p = subprocess.Popen(args, env=e, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=pinned(cpus))
 
     def pids(self):
         return children_of(self.p.pid)
@@ -143,7 +161,7 @@ def ensure_nginx():
 
 
 def start_mock():
-    p = Proc("mock", [os.path.join(REL, "llmtap-mock"), "--listen", "127.0.0.1:0"])
+    p = Proc("mock", [os.path.join(REL, "llmtap-mock"), "--listen", "127.0.0.1:0"], cpus=LOAD_CPUS)
     addr = p.p.stdout.readline().strip()
     p.port = int(addr.rsplit(":", 1)[1])
     return p
@@ -153,7 +171,9 @@ def start_nginx(mock_port, work):
     port = free_port()
     conf = os.path.join(work, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(f"""worker_processes 2;
+        # One worker per core it may use, as `auto` would choose on a machine of that size.
+        workers = len(PROXY_CPUS) if PROXY_CPUS else os.cpu_count()
+        f.write(f"""worker_processes {workers};
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
 events {{ worker_connections 8192; }}
@@ -174,7 +194,7 @@ http {{
   }}
 }}
 """)
-    p = Proc("nginx", ["nginx", "-c", conf, "-p", work, "-g", "daemon off;"], port=port)
+    p = Proc("nginx", ["nginx", "-c", conf, "-p", work, "-g", "daemon off;"], port=port, cpus=PROXY_CPUS)
     wait_port(port)
     return p
 
@@ -186,7 +206,7 @@ def start_llmtap(mock_port, work, name, clickhouse_url=None):
     if clickhouse_url:
         env["LLMTAP_CLICKHOUSE_URL"] = clickhouse_url
     p = Proc(name, [os.path.join(REL, "llmtap"), "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen",
-                    f"127.0.0.1:{admin}", "--data-dir", data], env=env, port=port)
+                    f"127.0.0.1:{admin}", "--data-dir", data], env=env, port=port, cpus=PROXY_CPUS)
     p.admin = admin
     wait_port(port)
     return p
@@ -197,7 +217,7 @@ def start_chdb(work):
     if not os.path.exists(py):
         return None
     p = Proc("chdb", [py, os.path.join(ROOT, "tests", "chdb", "adapter.py"), "--listen", "127.0.0.1:0", "--path",
-                      os.path.join(work, "chdb")])
+                      os.path.join(work, "chdb")], cpus=LOAD_CPUS)
     addr = p.p.stdout.readline().strip()
     p.port = int(addr.rsplit(":", 1)[1])
     return p
@@ -225,7 +245,7 @@ def load(target_port, sc, path="/v1/chat/completions"):
         args += ["--body", '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello."}]}']
     for h in sc.get("headers", []):
         args += ["--header", h]
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(args, capture_output=True, text=True, check=True, preexec_fn=pinned(LOAD_CPUS)).stdout
     return json.loads(out)
 
 
@@ -249,7 +269,13 @@ def main():
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--only", help="comma-separated scenario name prefixes")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="proxy on cores of its own, load side on core 0 (default; needs 2+ cores)")
     args = ap.parse_args()
+    global LOAD_CPUS, PROXY_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) >= 2:
+        LOAD_CPUS, PROXY_CPUS = {cpus[0]}, set(cpus[1:])
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, hard), hard))
     ensure_nginx()
@@ -312,10 +338,13 @@ def main():
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = os.path.join(ROOT, "bench", "results")
     os.makedirs(out_dir, exist_ok=True)
-    meta = {"commit": commit, "utc": stamp, "cores": os.cpu_count(), "quick": args.quick}
+    cores = {"load": sorted(LOAD_CPUS), "proxy": sorted(PROXY_CPUS)} if PROXY_CPUS else "shared"
+    meta = {"commit": commit, "utc": stamp, "cores": os.cpu_count(), "pinned": cores, "quick": args.quick}
     with open(os.path.join(out_dir, f"{stamp}.json"), "w") as f:
         json.dump({"meta": meta, "rows": results}, f, indent=1)
-    lines = [f"llmtap benchmark at {commit}, {stamp}, {os.cpu_count()} cores", "",
+    where = (f"proxy on cores {sorted(PROXY_CPUS)}, load generator, mock and engine on {sorted(LOAD_CPUS)}"
+             if PROXY_CPUS else "every process on every core")
+    lines = [f"llmtap benchmark at {commit}, {stamp}, {os.cpu_count()} cores ({where})", "",
              "| scenario | run | target | req/s | errors | ttfb p50 | p90 | p99 | p99.9 | max | total p99 | added p50 | added p99 | CPU µs/req | peak RSS MB |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
