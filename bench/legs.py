@@ -13,7 +13,7 @@ traffic with tcpdump and prints, per proxy, the median of three legs:
 
 Packet times come from the kernel, so the legs do not depend on what the load generator
 or the proxy report about themselves. Needs tcpdump (installed from Debian if missing) and
-root. Uses the release binaries that run.py builds.
+root. Builds the release binaries first, as run.py does (`--no-build` skips it).
 """
 
 import argparse
@@ -71,8 +71,12 @@ def main():
     ap.add_argument("--json", action="store_true", help="non-streaming calls")
     ap.add_argument("--rate", type=float, default=20)
     ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     ensure_tcpdump()
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "llmtap", "-p", "llmtap-testkit", "--bins"],
+                       cwd=B.ROOT, check=True)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
         B.LOAD_CPUS, B.PROXY_CPUS = {cpus[0]}, set(cpus[1:])
