@@ -52,18 +52,14 @@ const HOP_BY_HOP: [&str; 8] = [
 /// finds those present, and only they are looked up again to be removed.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     let mut present = [false; HOP_BY_HOP.len()];
-    let mut any = false;
+    let mut connection = false;
     for name in h.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|hop| name.as_str() == *hop) {
             present[i] = true;
-            any = true;
+            connection |= name == header::CONNECTION;
         }
     }
-    if !any {
-        return;
-    }
-    // `connection` is first in the list.
-    if present[0] {
+    if connection {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
@@ -75,8 +71,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
             h.remove(n);
         }
     }
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
-        h.remove(*name);
+    for (name, found) in HOP_BY_HOP.iter().zip(present) {
+        if found {
+            h.remove(*name);
+        }
     }
 }
 
