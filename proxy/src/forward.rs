@@ -18,14 +18,14 @@ use llmtap_ingest::{CallMeta, ErrorKind, Exchange, ExchangeLimits, RequestOption
 use crate::body::ProxyBody;
 use crate::route::RouteTable;
 use crate::tap::TapBody;
-use crate::upstream::UpstreamClient;
+use crate::upstream::Upstream;
 
 pub const TRACE_HEADER: &str = "x-llmtap-trace-id";
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
     pub routes: Arc<RouteTable>,
-    pub client: UpstreamClient,
+    pub client: Upstream,
     pub recorder: RecordSender,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
@@ -283,10 +283,10 @@ impl Proxy {
         overhead += t_body.elapsed();
         exchange.add_overhead(overhead);
 
-        let result = tokio::time::timeout(self.first_byte_timeout, self.client.request(upstream_req)).await;
+        let result = tokio::time::timeout(self.first_byte_timeout, self.client.send(upstream_req)).await;
         let t_head = Instant::now();
         let resp = match result {
-            Ok(Ok(resp)) => resp,
+            Ok(Ok(sent)) => sent,
             Ok(Err(e)) => {
                 let (kind, msg) = if e.is_connect() {
                     (
@@ -328,10 +328,11 @@ impl Proxy {
             }
         };
 
+        let (resp, mut conn) = resp;
         let (mut rparts, mut rbody) = resp.into_parts();
         // What came with the head goes out with it: for JSON usually the whole body, for a
         // stream its first events.
-        let early = crate::tap::ready_frames(&mut rbody).await;
+        let early = crate::tap::ready_frames(&mut rbody, conn.as_mut()).await;
         let rewrites = exchange.on_response_head(rparts.status.as_u16(), &rparts.headers);
         strip_hop_by_hop(&mut rparts.headers);
         if rewrites {
@@ -343,7 +344,8 @@ impl Proxy {
         rparts.version = Version::HTTP_11;
         exchange.add_overhead(t_head.elapsed());
         let status = rparts.status.as_u16();
-        let body = TapBody::new(rbody, early, exchange, self.recorder.clone(), self.idle_timeout, rewrites, status);
+        let body =
+            TapBody::new(rbody, conn, early, exchange, self.recorder.clone(), self.idle_timeout, rewrites, status);
         Ok(Response::from_parts(rparts, ProxyBody::Tap(Box::new(body))))
     }
 }

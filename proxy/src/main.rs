@@ -8,6 +8,7 @@ mod drift;
 mod feedback;
 mod forward;
 mod judging;
+mod pool;
 mod route;
 mod score;
 mod server;

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::config::ValidatedConfig;
 use crate::forward::Proxy;
-use crate::upstream::build_client;
+use crate::upstream::{build_client, Upstream};
 use crate::workers::Workers;
 
 /// Runs `serve` until `shutdown` resolves. Returns after every record is on disk.
@@ -142,7 +142,7 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
             Ok(Arc::new(Proxy {
                 routes: cfg.routes.clone(),
                 // A pool per worker: upstream connections stay on the worker's thread.
-                client: build_client(&cfg.raw.client, cfg.connect_timeout)?,
+                client: Upstream::new(&cfg.raw.client, cfg.connect_timeout)?,
                 recorder: recorder_tx.clone(),
                 first_byte_timeout: cfg.first_byte_timeout,
                 idle_timeout: cfg.idle_timeout,

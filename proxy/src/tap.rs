@@ -5,6 +5,10 @@
 //! - Frames are forwarded unchanged (refcounted `Bytes`, no copy); the only exception is the
 //!   OpenAI stream whose `include_usage` llmtap injected, where the exchange hands back the
 //!   bytes without the additions.
+//! - With a pooled HTTP/1.1 upstream (`pool::Conn`) the tap drives the upstream connection
+//!   itself: each poll lets the connection read and decode, then takes every frame it has.
+//!   The connection goes back to the pool when the body ended cleanly, and is closed with
+//!   the tap otherwise.
 //! - Exactly one record per call: at the end of the body, on an upstream error or idle
 //!   timeout, or in `Drop` when the client went away first. It goes out with `try_record`,
 //!   which never waits.
@@ -25,6 +29,8 @@ use llmtap_ingest::recorder::RecordSender;
 use llmtap_ingest::{ErrorKind, Exchange};
 use tokio::time::Sleep;
 
+use crate::pool::Conn;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +46,8 @@ const MAX_GATHER: usize = 16;
 /// Response body that taps the upstream's frames.
 pub struct TapBody {
     inner: Incoming,
+    /// The upstream connection `inner` comes from, when this task drives it.
+    conn: Option<Conn>,
     /// Frames taken from `inner` and not yet handed to hyper: those that came with the
     /// head (`ready_frames`), then each batch gathered while `gathering`.
     early: VecDeque<UpstreamFrame>,
@@ -63,8 +71,10 @@ pub struct TapBody {
 }
 
 impl TapBody {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         inner: Incoming,
+        conn: Option<Conn>,
         (early, upstream_ended): (VecDeque<UpstreamFrame>, bool),
         exchange: Exchange,
         recorder: RecordSender,
@@ -74,6 +84,7 @@ impl TapBody {
     ) -> Self {
         TapBody {
             inner,
+            conn,
             early,
             upstream_ended,
             gathering: false,
@@ -99,6 +110,9 @@ impl TapBody {
     /// The upstream body ended cleanly: record the call and keep what the exchange held back.
     fn end(&mut self) {
         self.done = true;
+        if let Some(conn) = self.conn.take() {
+            conn.release();
+        }
         if let Some(ex) = self.exchange.as_mut() {
             let tail = ex.on_response_end();
             if !tail.is_empty() {
@@ -114,6 +128,9 @@ impl TapBody {
     /// whole batch, which hyper writes at once. One write per batch instead of per frame;
     /// the cost is one run-queue pass, no syscall.
     fn poll_upstream(&mut self, cx: &mut Context<'_>) -> Poll<Option<UpstreamFrame>> {
+        if self.conn.is_some() {
+            return self.poll_driven(cx);
+        }
         if self.gathering {
             match Pin::new(&mut self.inner).poll_frame(cx) {
                 Poll::Ready(Some(f)) => {
@@ -146,6 +163,37 @@ impl TapBody {
         }
     }
 
+    /// `poll_upstream` when this task runs the upstream connection: no requeue is needed to
+    /// let it decode, so the batch is gathered at once.
+    fn poll_driven(&mut self, cx: &mut Context<'_>) -> Poll<Option<UpstreamFrame>> {
+        if self.early.is_empty() && !self.upstream_ended {
+            while self.early.len() < MAX_GATHER {
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.drive(cx);
+                }
+                match Pin::new(&mut self.inner).poll_frame(cx) {
+                    Poll::Ready(Some(f)) => {
+                        let failed = f.is_err();
+                        self.early.push_back(f);
+                        if failed {
+                            break;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        self.upstream_ended = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+        }
+        match self.early.pop_front() {
+            Some(f) => Poll::Ready(Some(f)),
+            None if self.upstream_ended => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+
     /// Whether the upstream has been silent for `idle_timeout`; arms the timer otherwise.
     /// Frames only move the deadline later, so a timer armed for an older deadline fires
     /// early and is moved then: one timer-wheel update per `idle_timeout`, not per frame.
@@ -169,13 +217,21 @@ impl TapBody {
 /// body leave in one write instead of two or three. Returns the frames and whether the
 /// body ended.
 ///
-/// The upstream connection's task decodes what it has read only when it gets to run, so
-/// one requeue is allowed after each frame; the next `Pending` ends the wait.
-pub async fn ready_frames(body: &mut Incoming) -> (VecDeque<UpstreamFrame>, bool) {
+/// A connection that runs in its own task decodes what it has read only when it gets to
+/// run, so one requeue is allowed after each frame; the next `Pending` ends the wait. One
+/// this task drives (`conn`) is driven before each look instead.
+pub async fn ready_frames(body: &mut Incoming, mut conn: Option<&mut Conn>) -> (VecDeque<UpstreamFrame>, bool) {
     let mut frames = VecDeque::new();
     let mut yielded = false;
     while frames.len() < MAX_GATHER {
-        match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
+        let polled = std::future::poll_fn(|cx| {
+            if let Some(c) = conn.as_deref_mut() {
+                c.drive(cx);
+            }
+            Poll::Ready(Pin::new(&mut *body).poll_frame(cx))
+        })
+        .await;
+        match polled {
             Poll::Ready(Some(f)) => {
                 let failed = f.is_err();
                 frames.push_back(f);
@@ -185,7 +241,7 @@ pub async fn ready_frames(body: &mut Incoming) -> (VecDeque<UpstreamFrame>, bool
                 yielded = false;
             }
             Poll::Ready(None) => return (frames, true),
-            Poll::Pending if yielded => break,
+            Poll::Pending if yielded || conn.is_some() => break,
             Poll::Pending => {
                 requeue().await;
                 yielded = true;

@@ -1,10 +1,14 @@
-//! The pooled upstream client: hyper-util's legacy client over rustls (webpki roots plus an
-//! optional extra CA file), HTTP/1.1 or HTTP/2 chosen by ALPN, with a connect timeout.
+//! Upstream clients over rustls (webpki roots plus an optional extra CA file), with a
+//! connect timeout: hyper-util's pooled client, HTTP/1.1 or HTTP/2 chosen by ALPN, and for
+//! the request path `Upstream`, which sends HTTP/1.1 calls through `pool` instead.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -13,6 +17,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::config::ClientConfig;
+use crate::pool::{Conn, Pool, SendError};
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -26,6 +31,56 @@ pub enum UpstreamError {
 
 /// Builds the shared client. Called once at start; nothing here does network I/O.
 pub fn build_client(cfg: &ClientConfig, connect_timeout: Duration) -> Result<UpstreamClient, UpstreamError> {
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector(cfg, connect_timeout, cfg.http2)?))
+}
+
+/// The request path's upstream: HTTP/1.1 calls go through a `Pool` whose connections run
+/// in the call's own task; TLS upstreams that may answer in HTTP/2 (`client.http2`) go
+/// through hyper's pooled client, which multiplexes a connection over many calls.
+pub struct Upstream {
+    client: UpstreamClient,
+    pool: Arc<Pool>,
+    http2: bool,
+}
+
+impl Upstream {
+    /// One per worker thread: connections stay on the runtime that opened them.
+    pub fn new(cfg: &ClientConfig, connect_timeout: Duration) -> Result<Upstream, UpstreamError> {
+        let pool = Pool::new(
+            connector(cfg, connect_timeout, false)?,
+            cfg.pool_max_idle_per_host,
+            Duration::from_secs(cfg.pool_idle_timeout_secs),
+        );
+        Ok(Upstream { client: build_client(cfg, connect_timeout)?, pool, http2: cfg.http2 })
+    }
+
+    /// Sends `req` (absolute URI) and waits for the response head. With a pooled HTTP/1.1
+    /// connection, that connection comes back too: it carries the body and must be driven
+    /// by whoever reads it.
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<(Response<Incoming>, Option<Conn>), SendError> {
+        if self.http2 && req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
+            return self.client.request(req).await.map(|r| (r, None)).map_err(SendError::Client);
+        }
+        self.pool.send(req).await.map(|(r, c)| (r, Some(c)))
+    }
+
+    /// Closes idle connections past their time or closed by the upstream.
+    pub fn sweep(&self) {
+        self.pool.sweep();
+    }
+}
+
+/// TCP (nodelay, keepalive, connect timeout) and TLS, offering h2 by ALPN when `http2`.
+fn connector(
+    cfg: &ClientConfig,
+    connect_timeout: Duration,
+    http2: bool,
+) -> Result<HttpsConnector<HttpConnector>, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if !cfg.extra_ca_file.is_empty() {
@@ -54,15 +109,9 @@ pub fn build_client(cfg: &ClientConfig, connect_timeout: Duration) -> Result<Ups
     http.set_keepalive(Some(Duration::from_secs(60)));
 
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
-    let connector = if cfg.http2 {
+    Ok(if http2 {
         builder.enable_http1().enable_http2().wrap_connector(http)
     } else {
         builder.enable_http1().wrap_connector(http)
-    };
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
-        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector))
+    })
 }

@@ -16,7 +16,8 @@
 //!   earlier timer exists. Each worker keeps one: a sleep that is re-armed every `anchor`,
 //!   shorter than the call timeouts.
 //! - Each worker's pool holds up to `client.pool_max_idle_per_host` idle connections per
-//!   upstream, so the process may keep that many times the worker count.
+//!   upstream, so the process may keep that many times the worker count. The pool's
+//!   HTTP/1.1 connections run in the calls' own tasks (`pool`), not in tasks of their own.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -149,10 +150,17 @@ async fn run_worker(
     open: Arc<[AtomicUsize]>,
     index: usize,
 ) {
-    // Ends when the runtime is dropped.
+    // Ends when the runtime is dropped. Also closes the pool's stale idle connections, at
+    // most once a second.
+    let pool = proxy.clone();
     tokio::spawn(async move {
+        let mut swept = std::time::Instant::now();
         loop {
             tokio::time::sleep(anchor).await;
+            if swept.elapsed() >= Duration::from_secs(1) {
+                pool.client.sweep();
+                swept = std::time::Instant::now();
+            }
         }
     });
     let graceful = GracefulShutdown::new();
