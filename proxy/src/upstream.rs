@@ -31,12 +31,16 @@ pub enum UpstreamError {
 
 /// Builds the shared client. Called once at start; nothing here does network I/O.
 pub fn build_client(cfg: &ClientConfig, connect_timeout: Duration) -> Result<UpstreamClient, UpstreamError> {
-    Ok(Client::builder(TokioExecutor::new())
+    Ok(pooled_client(cfg, tls_config(cfg)?, connect_timeout))
+}
+
+fn pooled_client(cfg: &ClientConfig, tls: rustls::ClientConfig, connect_timeout: Duration) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector(cfg, connect_timeout, cfg.http2)?))
+        .build(connector(tls, connect_timeout, cfg.http2))
 }
 
 /// The request path's upstream: HTTP/1.1 calls go through a `Pool` whose connections run
@@ -51,12 +55,11 @@ pub struct Upstream {
 impl Upstream {
     /// One per worker thread: connections stay on the runtime that opened them.
     pub fn new(cfg: &ClientConfig, connect_timeout: Duration) -> Result<Upstream, UpstreamError> {
-        let pool = Pool::new(
-            connector(cfg, connect_timeout, false)?,
-            cfg.pool_max_idle_per_host,
-            Duration::from_secs(cfg.pool_idle_timeout_secs),
-        );
-        Ok(Upstream { client: build_client(cfg, connect_timeout)?, pool, http2: cfg.http2 })
+        let tls = tls_config(cfg)?;
+        let idle_timeout = Duration::from_secs(cfg.pool_idle_timeout_secs);
+        let pool = Pool::new(connector(tls.clone(), connect_timeout, false), cfg.pool_max_idle_per_host, idle_timeout);
+        let client = pooled_client(cfg, tls, connect_timeout);
+        Ok(Upstream { client, pool, http2: cfg.http2 })
     }
 
     /// Sends `req` (absolute URI) and waits for the response head. With a pooled HTTP/1.1
@@ -75,12 +78,8 @@ impl Upstream {
     }
 }
 
-/// TCP (nodelay, keepalive, connect timeout) and TLS, offering h2 by ALPN when `http2`.
-fn connector(
-    cfg: &ClientConfig,
-    connect_timeout: Duration,
-    http2: bool,
-) -> Result<HttpsConnector<HttpConnector>, UpstreamError> {
+/// Roots (webpki plus `client.extra_ca_file`): read once, shared by both connectors.
+fn tls_config(cfg: &ClientConfig) -> Result<rustls::ClientConfig, UpstreamError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if !cfg.extra_ca_file.is_empty() {
@@ -97,11 +96,14 @@ fn connector(
         }
     }
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth())
+}
 
+/// TCP (nodelay, keepalive, connect timeout) and TLS, offering h2 by ALPN when `http2`.
+fn connector(tls: rustls::ClientConfig, connect_timeout: Duration, http2: bool) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -109,9 +111,9 @@ fn connector(
     http.set_keepalive(Some(Duration::from_secs(60)));
 
     let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
-    Ok(if http2 {
+    if http2 {
         builder.enable_http1().enable_http2().wrap_connector(http)
     } else {
         builder.enable_http1().wrap_connector(http)
-    })
+    }
 }
