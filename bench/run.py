@@ -6,9 +6,9 @@
 
 Targets, alternating within each round: the mock upstream directly; nginx as a plain
 reverse proxy (proxy_buffering off, upstream keepalive); llmtap with capture on (local
-log); llmtap shipping to the ClickHouse engine (chdb behind the test adapter, when the
-venv from `make test` exists). Scenarios: non-streaming at 1,000 and 5,000 req/s
-(open loop), streaming (20 chunks) at 500 req/s, closed loop with 64 connections,
+log); llmtap shipping to the ClickHouse engine (chdb behind the test adapter, from the
+venv `make test` uses, created when missing; `--no-clickhouse` skips this target).
+Scenarios: non-streaming at 1,000 and 5,000 req/s (open loop), streaming (20 chunks) at 500 req/s, closed loop with 64 connections,
 and 1,000 streams held open (a chunk every 50 ms for 10 s).
 
 Cores: on a machine with two or more, the proxy under test (nginx or llmtap) runs on cores
@@ -269,6 +269,7 @@ def main():
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--only", help="comma-separated scenario name prefixes")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--no-clickhouse", action="store_true", help="skip the llmtap+clickhouse target")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="proxy on cores of its own, load side on core 0 (default; needs 2+ cores)")
     args = ap.parse_args()
@@ -279,6 +280,9 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(65536, hard), hard))
     ensure_nginx()
+    if not args.no_clickhouse:
+        # The ClickHouse engine (chdb) lives in the venv the test suite uses.
+        subprocess.run(["make", "-s", ".venv/.installed"], cwd=ROOT, check=True)
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "llmtap", "-p", "llmtap-testkit", "--bins"], cwd=ROOT,
                        check=True)
@@ -289,7 +293,7 @@ def main():
             continue
         work = tempfile.mkdtemp(prefix="llmtap-bench-")
         mock = start_mock()
-        chdb = start_chdb(work)
+        chdb = None if args.no_clickhouse else start_chdb(work)
         targets = [("direct", mock), ("nginx", start_nginx(mock.port, work)), ("llmtap", start_llmtap(mock.port, work, "llmtap"))]
         if chdb:
             targets.append(("llmtap+clickhouse", start_llmtap(mock.port, work, "llmtap-ch", f"http://127.0.0.1:{chdb.port}")))
