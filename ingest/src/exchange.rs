@@ -224,10 +224,16 @@ impl Exchange {
 
     /// Ends the call with `error` (`ErrorKind::None` when the body completed) and the status
     /// the client got; produces the record to write.
-    pub fn finish(mut self, error: ErrorKind, client_status: u16) -> PendingTrace {
+    pub fn finish(self, error: ErrorKind, client_status: u16) -> PendingTrace {
+        self.finish_at(error, client_status, Instant::now())
+    }
+
+    /// `finish` for a call that ended at `ended`: the proxy builds the record after the
+    /// response's last bytes are on their way, and the duration stops where the call did.
+    pub fn finish_at(mut self, error: ErrorKind, client_status: u16, ended: Instant) -> PendingTrace {
         let complete = error == ErrorKind::None;
         self.adapter.finish(complete);
-        let duration = self.started.elapsed();
+        let duration = ended.saturating_duration_since(self.started);
         let facts = std::mem::take(&mut self.adapter.facts);
         let status = if self.status == 0 { client_status } else { self.status };
         let error_kind = match error {

@@ -9,9 +9,9 @@
 //!   itself: each poll lets the connection read and decode, then takes every frame it has.
 //!   The connection goes back to the pool when the body ended cleanly, and is closed with
 //!   the tap otherwise.
-//! - Exactly one record per call: at the end of the body, on an upstream error or idle
-//!   timeout, or in `Drop` when the client went away first. It goes out with `try_record`,
-//!   which never waits.
+//! - Exactly one record per call: at the end of the body (built after the last bytes are
+//!   written, `DeferredRecord`), on an upstream error or idle timeout, or in `Drop` when the
+//!   client went away first. It goes out with `try_record`, which never waits.
 //! - A client that leaves after the stream's final event has succeeded; before it, the call
 //!   is `client_disconnect`. Dropping this body drops the upstream body, which closes the
 //!   upstream stream at once: the upstream request is cancelled with the client's.
@@ -107,19 +107,30 @@ impl TapBody {
         }
     }
 
-    /// The upstream body ended cleanly: record the call and keep what the exchange held back.
+    /// The upstream body ended cleanly: keep what the exchange held back, and record the
+    /// call once hyper has written the rest (`DeferredRecord`).
     fn end(&mut self) {
         self.done = true;
         if let Some(conn) = self.conn.take() {
             conn.release();
         }
-        if let Some(ex) = self.exchange.as_mut() {
-            let tail = ex.on_response_end();
-            if !tail.is_empty() {
-                self.tail = Some(tail);
-            }
+        let Some(mut ex) = self.exchange.take() else {
+            return;
+        };
+        let tail = ex.on_response_end();
+        if !tail.is_empty() {
+            self.tail = Some(tail);
         }
-        self.finish(ErrorKind::None);
+        let record = DeferredRecord {
+            exchange: Some(ex),
+            recorder: self.recorder.clone(),
+            status: self.status,
+            ended: Instant::now(),
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(async move { drop(record) })),
+            Err(_) => drop(record),
+        }
     }
 
     /// The next frame: gathered ones first, then the upstream's. A frame fresh from the
@@ -335,6 +346,29 @@ impl Body for TapBody {
             SizeHint::default()
         } else {
             self.inner.size_hint()
+        }
+    }
+}
+
+/// The record of a call whose body ended cleanly, built in a task of its own.
+///
+/// `end` runs while hyper takes the body's last frame, before it writes that frame: for a
+/// JSON response, the head and the whole body. Building the record there (parsing the JSON
+/// body for usage and tool calls, assembling the record) made the client wait for it; as a
+/// task it runs on the same worker right after the connection's write. The duration stops
+/// at `ended`, when the upstream's body ended. The record is made when this value is
+/// dropped, so a task the runtime drops unpolled at shutdown still records the call.
+struct DeferredRecord {
+    exchange: Option<Exchange>,
+    recorder: RecordSender,
+    status: u16,
+    ended: Instant,
+}
+
+impl Drop for DeferredRecord {
+    fn drop(&mut self) {
+        if let Some(ex) = self.exchange.take() {
+            self.recorder.try_record(ex.finish_at(ErrorKind::None, self.status, self.ended));
         }
     }
 }
