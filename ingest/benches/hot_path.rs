@@ -73,7 +73,7 @@ fn run_exchange(
         black_box(ex.on_response_frame(f.clone()));
     }
     ex.on_response_end();
-    ex.finish(ErrorKind::None, 200)
+    ex.finish(ErrorKind::None, 200).into_pending()
 }
 
 fn bench_sse(c: &mut Criterion) {

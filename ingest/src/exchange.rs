@@ -78,6 +78,38 @@ pub struct PendingTrace {
     pub extras: CallExtras,
 }
 
+/// A call that has ended, as the proxy hands it to the recorder.
+///
+/// Building a call's record costs more than everything else the request path does for it:
+/// a JSON response is parsed whole for its usage, model and tool calls, and the record's
+/// columns are assembled. The proxy only boxes the exchange and queues it; the recorder's
+/// thread builds the record (`into_pending`), in batches, off the path the client waits on.
+/// Boxed, so the recorder's queue holds a pointer per call, not a whole exchange.
+#[derive(Debug)]
+pub struct EndedCall(Box<Ended>);
+
+#[derive(Debug)]
+enum Ended {
+    Call { exchange: Exchange, error: ErrorKind, client_status: u16, ended: Instant },
+    Built(PendingTrace),
+}
+
+impl EndedCall {
+    /// The call's record, with what the recorder still adds (tokens, cost, bodies) left to do.
+    pub fn into_pending(self) -> PendingTrace {
+        match *self.0 {
+            Ended::Call { exchange, error, client_status, ended } => exchange.build(error, client_status, ended),
+            Ended::Built(p) => p,
+        }
+    }
+}
+
+impl From<PendingTrace> for EndedCall {
+    fn from(p: PendingTrace) -> Self {
+        EndedCall(Box::new(Ended::Built(p)))
+    }
+}
+
 /// Per-call state.
 pub struct Exchange {
     meta: CallMeta,
@@ -223,14 +255,14 @@ impl Exchange {
     }
 
     /// Ends the call with `error` (`ErrorKind::None` when the body completed) and the status
-    /// the client got; produces the record to write.
-    pub fn finish(self, error: ErrorKind, client_status: u16) -> PendingTrace {
-        self.finish_at(error, client_status, Instant::now())
+    /// the client got; its duration stops now. This only moves the exchange into the returned
+    /// value: the record is built by `EndedCall::into_pending`, on the recorder's thread.
+    pub fn finish(self, error: ErrorKind, client_status: u16) -> EndedCall {
+        EndedCall(Box::new(Ended::Call { exchange: self, error, client_status, ended: Instant::now() }))
     }
 
-    /// `finish` for a call that ended at `ended`: the proxy builds the record after the
-    /// response's last bytes are on their way, and the duration stops where the call did.
-    pub fn finish_at(mut self, error: ErrorKind, client_status: u16, ended: Instant) -> PendingTrace {
+    /// Builds the record: parses a buffered JSON body, then assembles the columns.
+    fn build(mut self, error: ErrorKind, client_status: u16, ended: Instant) -> PendingTrace {
         let complete = error == ErrorKind::None;
         self.adapter.finish(complete);
         let duration = ended.saturating_duration_since(self.started);

@@ -1,7 +1,8 @@
-//! The recorder: the one consumer of finished calls. Proxy tasks hand it `PendingTrace`s
+//! The recorder: the one consumer of finished calls. Proxy tasks hand it `EndedCall`s
 //! through a bounded channel with `try_record` (never waits; full → drop and count). Its own
-//! OS thread estimates missing usage, prices the call, applies the capture policy, appends
-//! the record to the local log and then shows it to observers (exporters, the scorer).
+//! OS thread builds each call's record (parsing a buffered JSON response), estimates missing
+//! usage, prices the call, applies the capture policy, appends the record to the local log
+//! and then shows it to observers (exporters, the scorer).
 //!
 //! Shutdown: `RecorderHandle::shutdown` closes the door, drains every queued record to disk,
 //! fsyncs and joins the thread.
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::capture::CapturePolicy;
 use crate::estimate::estimate_usage;
-use crate::exchange::PendingTrace;
+use crate::exchange::{EndedCall, PendingTrace};
 use crate::log::{LogConfig, SegmentWriter};
 use crate::pricing::PriceTable;
 use crate::record::{ErrorKind, TraceRecord, UsageSource};
@@ -43,14 +44,14 @@ pub struct RecorderStats {
 /// The sending side, cloned into every connection task.
 #[derive(Clone, Debug)]
 pub struct RecordSender {
-    tx: SyncSender<PendingTrace>,
+    tx: SyncSender<EndedCall>,
     stats: Arc<RecorderStats>,
 }
 
 impl RecordSender {
     /// Queues a finished call without waiting. When the queue is full (or the recorder is
     /// gone) the record is dropped, counted, and a warning is logged at most every 10 s.
-    pub fn try_record(&self, p: PendingTrace) -> bool {
+    pub fn try_record(&self, p: EndedCall) -> bool {
         match self.tx.try_send(p) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -128,7 +129,7 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
     if cfg.cap_enforced_by_shipper {
         writer.set_cap_enforced_elsewhere();
     }
-    let (tx, rx) = mpsc::sync_channel::<PendingTrace>(cfg.log.channel_capacity.max(1));
+    let (tx, rx) = mpsc::sync_channel::<EndedCall>(cfg.log.channel_capacity.max(1));
     let stats = Arc::new(RecorderStats::default());
     let closing = Arc::new(AtomicBool::new(false));
     let thread = {
@@ -188,7 +189,7 @@ fn log_write_error(last: &mut Option<Instant>, e: &std::io::Error) {
 }
 
 fn write_batch(
-    batch: &mut Vec<PendingTrace>,
+    batch: &mut Vec<EndedCall>,
     writer: &mut SegmentWriter,
     prices: &PriceTable,
     capture: &CapturePolicy,
@@ -201,8 +202,9 @@ fn write_batch(
     }
     let mut done = Vec::with_capacity(batch.len());
     let mut line = Vec::with_capacity(2048);
-    for mut p in batch.drain(..) {
+    for call in batch.drain(..) {
         stats.queued.fetch_sub(1, Ordering::Relaxed);
+        let mut p = call.into_pending();
         let extras = std::mem::take(&mut p.extras);
         let rec = complete_record(p, prices, capture);
         line.clear();
@@ -273,10 +275,9 @@ pub fn complete_record(p: PendingTrace, prices: &PriceTable, capture: &CapturePo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exchange::PendingTrace;
     use crate::provider::{ProviderKind, Usage};
 
-    fn pending(id: &str) -> PendingTrace {
+    fn pending(id: &str) -> EndedCall {
         PendingTrace {
             record: TraceRecord {
                 trace_id: id.into(),
@@ -291,6 +292,7 @@ mod tests {
             capture_bodies: true,
             extras: Default::default(),
         }
+        .into()
     }
 
     #[test]
@@ -302,7 +304,7 @@ mod tests {
         assert!(!sender.try_record(pending("c")));
         assert!(!sender.try_record(pending("d")));
         assert_eq!(sender.stats().dropped_full.load(Ordering::Relaxed), 2);
-        assert_eq!(rx.try_iter().map(|p| p.record.trace_id).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(rx.try_iter().map(|p| p.into_pending().record.trace_id).collect::<Vec<_>>(), vec!["a", "b"]);
     }
 
     #[test]

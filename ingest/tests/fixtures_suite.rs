@@ -63,7 +63,7 @@ fn run(case: &Case, frames: &[&[u8]]) -> (TraceRecord, Vec<u8>) {
         out.extend_from_slice(&ex.on_response_frame(Bytes::copy_from_slice(f)));
     }
     out.extend_from_slice(&ex.on_response_end());
-    let pending = ex.finish(ErrorKind::None, case.response.status);
+    let pending = ex.finish(ErrorKind::None, case.response.status).into_pending();
     let prices = PriceTable::embedded();
     let capture = CaptureConfig::default().validate().unwrap();
     (complete_record(pending, &prices, &capture), out)

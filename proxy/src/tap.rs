@@ -9,9 +9,9 @@
 //!   itself: each poll lets the connection read and decode, then takes every frame it has.
 //!   The connection goes back to the pool when the body ended cleanly, and is closed with
 //!   the tap otherwise.
-//! - Exactly one record per call: at the end of the body (built after the last bytes are
-//!   written, `DeferredRecord`), on an upstream error or idle timeout, or in `Drop` when the
-//!   client went away first. It goes out with `try_record`, which never waits.
+//! - Exactly one record per call: at the end of the body, on an upstream error or idle
+//!   timeout, or in `Drop` when the client went away first. The call goes to the recorder
+//!   with `try_record`, which never waits; the recorder's thread builds the record.
 //! - A client that leaves after the stream's final event has succeeded; before it, the call
 //!   is `client_disconnect`. Dropping this body drops the upstream body, which closes the
 //!   upstream stream at once: the upstream request is cancelled with the client's.
@@ -107,8 +107,8 @@ impl TapBody {
         }
     }
 
-    /// The upstream body ended cleanly: keep what the exchange held back, and record the
-    /// call once hyper has written the rest (`DeferredRecord`).
+    /// The upstream body ended cleanly: keep what the exchange held back and queue the call
+    /// for the recorder, which builds its record (`EndedCall`).
     fn end(&mut self) {
         self.done = true;
         if let Some(conn) = self.conn.take() {
@@ -121,16 +121,7 @@ impl TapBody {
         if !tail.is_empty() {
             self.tail = Some(tail);
         }
-        let record = DeferredRecord {
-            exchange: Some(ex),
-            recorder: self.recorder.clone(),
-            status: self.status,
-            ended: Instant::now(),
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn(async move { drop(record) })),
-            Err(_) => drop(record),
-        }
+        self.recorder.try_record(ex.finish(ErrorKind::None, self.status));
     }
 
     /// The next frame: gathered ones first, then the upstream's. A frame fresh from the
@@ -346,29 +337,6 @@ impl Body for TapBody {
             SizeHint::default()
         } else {
             self.inner.size_hint()
-        }
-    }
-}
-
-/// The record of a call whose body ended cleanly, built in a task of its own.
-///
-/// `end` runs while hyper takes the body's last frame, before it writes that frame: for a
-/// JSON response, the head and the whole body. Building the record there (parsing the JSON
-/// body for usage and tool calls, assembling the record) made the client wait for it; as a
-/// task it runs on the same worker right after the connection's write. The duration stops
-/// at `ended`, when the upstream's body ended. The record is made when this value is
-/// dropped, so a task the runtime drops unpolled at shutdown still records the call.
-struct DeferredRecord {
-    exchange: Option<Exchange>,
-    recorder: RecordSender,
-    status: u16,
-    ended: Instant,
-}
-
-impl Drop for DeferredRecord {
-    fn drop(&mut self) {
-        if let Some(ex) = self.exchange.take() {
-            self.recorder.try_record(ex.finish_at(ErrorKind::None, self.status, self.ended));
         }
     }
 }
