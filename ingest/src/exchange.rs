@@ -90,7 +90,14 @@ pub struct EndedCall(Box<Ended>);
 
 #[derive(Debug)]
 enum Ended {
-    Call { exchange: Exchange, error: ErrorKind, client_status: u16, ended: Instant },
+    Call {
+        exchange: Exchange,
+        error: ErrorKind,
+        client_status: u16,
+        ended: Instant,
+    },
+    /// A record made by hand, for the recorder's own tests.
+    #[cfg(test)]
     Built(PendingTrace),
 }
 
@@ -99,11 +106,13 @@ impl EndedCall {
     pub fn into_pending(self) -> PendingTrace {
         match *self.0 {
             Ended::Call { exchange, error, client_status, ended } => exchange.build(error, client_status, ended),
+            #[cfg(test)]
             Ended::Built(p) => p,
         }
     }
 }
 
+#[cfg(test)]
 impl From<PendingTrace> for EndedCall {
     fn from(p: PendingTrace) -> Self {
         EndedCall(Box::new(Ended::Built(p)))
