@@ -2,6 +2,7 @@
 //! adapters, pricing, capture and redaction, token estimation, the record types and the
 //! local log. No sockets: the proxy feeds bytes in, records come out.
 
+pub mod background;
 pub mod capture;
 pub mod decode;
 pub mod estimate;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::background::Yielder;
 use crate::capture::CapturePolicy;
 use crate::estimate::estimate_usage;
 use crate::exchange::{EndedCall, PendingTrace};
@@ -202,7 +203,9 @@ fn write_batch(
     }
     let mut done = Vec::with_capacity(batch.len());
     let mut line = Vec::with_capacity(2048);
+    let mut turn = Yielder::new();
     for call in batch.drain(..) {
+        turn.tick();
         stats.queued.fetch_sub(1, Ordering::Relaxed);
         let mut p = call.into_pending();
         let extras = std::mem::take(&mut p.extras);
@@ -225,6 +228,7 @@ fn write_batch(
     }
     stats.written.fetch_add(done.len() as u64, Ordering::Relaxed);
     for (rec, meta) in &done {
+        turn.tick();
         for o in observers.iter_mut() {
             o.observe(rec, meta);
         }

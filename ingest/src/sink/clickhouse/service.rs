@@ -12,6 +12,7 @@ use super::config::ValidatedClickHouse;
 use super::encode::{DriftRow, FeedbackRow, ScoreRow, TraceRow};
 use super::schema::{latest_version, SchemaContext, MIGRATIONS};
 use super::shipper::{BatchSink, InsertError, KindSpec, Line, PrepareError};
+use crate::background::Yielder;
 use crate::record::{DriftEventRecord, FeedbackRecord, ScoreRecord, TraceRecord};
 
 /// ClickHouse exception codes that mean "these rows are wrong": retrying the same bytes
@@ -204,7 +205,9 @@ impl ClickHouseSink {
             .with_setting("insert_deduplication_token", token)
             .with_setting("deduplicate_blocks_in_dependent_materialized_views", "1")
             .with_timeouts(Some(self.cfg.request_timeout), Some(self.cfg.request_timeout));
+        let mut turn = Yielder::new();
         for row in rows {
+            turn.tick();
             insert.write(row).await.map_err(classify)?;
         }
         insert.end().await.map_err(classify)
@@ -212,9 +215,11 @@ impl ClickHouseSink {
 }
 
 fn parse_all<'a, T: Deserialize<'a>>(kind: KindSpec, lines: &'a [Line]) -> Result<Vec<T>, InsertError> {
+    let mut turn = Yielder::new();
     lines
         .iter()
         .map(|l| {
+            turn.tick();
             serde_json::from_str::<T>(&l.text).map_err(|e| InsertError::Rejected {
                 code: LOCAL_PARSE_ERROR,
                 message: format!("local log line at byte {} is not a {} record: {e}", l.start, kind.table),

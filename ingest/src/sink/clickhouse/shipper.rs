@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::background::Yielder;
 use crate::log::list_segments;
 
 /// A record folder and the table its lines go to.
@@ -167,7 +168,9 @@ fn read_lines(
     let mut lines = Vec::new();
     let mut at = 0usize;
     let mut taken = 0usize;
-    while let Some(i) = buf[at..].iter().position(|&b| b == b'\n') {
+    let mut turn = Yielder::new();
+    while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
+        turn.tick();
         let end = at + i + 1;
         if !lines.is_empty() && (lines.len() >= max_rows || taken + (end - at) > max_bytes) && until.is_none() {
             break;
