@@ -120,11 +120,14 @@ pub struct RecorderConfig {
     pub cap_enforced_by_shipper: bool,
 }
 
-/// Starts the recorder thread writing to `<data_dir>/traces/`.
 /// How long the recorder lets records gather after each batch (see the loop).
 /// Records reach the log at most this much later; the request path never waits for them.
 const COALESCE: Duration = Duration::from_millis(10);
 
+/// The most calls the recorder takes from its queue at once.
+const BATCH: usize = 1024;
+
+/// Starts the recorder thread writing to `<data_dir>/traces/`.
 pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(RecordSender, RecorderHandle)> {
     let mut writer = SegmentWriter::open(data_dir, "traces", cfg.log.clone())?;
     if cfg.cap_enforced_by_shipper {
@@ -154,26 +157,59 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
-                while batch.len() < 1024 {
+                while batch.len() < BATCH {
                     match rx.try_recv() {
                         Ok(p) => batch.push(p),
                         Err(_) => break,
                     }
                 }
-                write_batch(&mut batch, &mut writer, &prices, &capture, &mut observers, &stats, &mut last_err_log);
-                // Let the next records gather instead of being woken for each one: a sender
-                // only wakes a receiver parked in `recv`, and each wake is a futex call and a
-                // context switch on both sides. At most one wake per COALESCE, at any rate.
-                std::thread::sleep(COALESCE);
+                // A full batch means more are waiting: the recorder is behind, so it keeps
+                // the core (no yields) and goes straight on to the next batch.
+                let behind = batch.len() >= BATCH;
+                let turn = if behind { Yielder::off() } else { Yielder::new() };
+                write_batch(
+                    &mut batch,
+                    turn,
+                    &mut writer,
+                    &prices,
+                    &capture,
+                    &mut observers,
+                    &stats,
+                    &mut last_err_log,
+                );
+                if !behind {
+                    // Let the next records gather instead of being woken for each one: a
+                    // sender only wakes a receiver parked in `recv`, and each wake is a futex
+                    // call and a context switch on both sides. At most one wake per COALESCE.
+                    std::thread::sleep(COALESCE);
+                }
             }
             // Drain what is still queued.
             while let Ok(p) = rx.try_recv() {
                 batch.push(p);
-                if batch.len() >= 1024 {
-                    write_batch(&mut batch, &mut writer, &prices, &capture, &mut observers, &stats, &mut last_err_log);
+                if batch.len() >= BATCH {
+                    write_batch(
+                        &mut batch,
+                        Yielder::off(),
+                        &mut writer,
+                        &prices,
+                        &capture,
+                        &mut observers,
+                        &stats,
+                        &mut last_err_log,
+                    );
                 }
             }
-            write_batch(&mut batch, &mut writer, &prices, &capture, &mut observers, &stats, &mut last_err_log);
+            write_batch(
+                &mut batch,
+                Yielder::off(),
+                &mut writer,
+                &prices,
+                &capture,
+                &mut observers,
+                &stats,
+                &mut last_err_log,
+            );
             if let Err(e) = writer.close() {
                 log_write_error(&mut last_err_log, &e);
             }
@@ -189,8 +225,10 @@ fn log_write_error(last: &mut Option<Instant>, e: &std::io::Error) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_batch(
     batch: &mut Vec<EndedCall>,
+    mut turn: Yielder,
     writer: &mut SegmentWriter,
     prices: &PriceTable,
     capture: &CapturePolicy,
@@ -203,7 +241,6 @@ fn write_batch(
     }
     let mut done = Vec::with_capacity(batch.len());
     let mut line = Vec::with_capacity(2048);
-    let mut turn = Yielder::new();
     for call in batch.drain(..) {
         turn.tick();
         stats.queued.fetch_sub(1, Ordering::Relaxed);
