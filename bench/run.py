@@ -19,7 +19,8 @@ interference more than the proxy.
 
 Per target: achieved rate, errors, p50/p90/p99/p99.9/max of time to first byte (TTFT for
 streams) and total time, latency added over direct (difference of p50s and of p99s in the
-same round), proxy CPU microseconds per request (/proc utime+stime), peak RSS (VmHWM).
+same round), proxy CPU microseconds per request (/proc utime+stime), peak RSS (VmHWM), and
+the host's steal time on the proxy's and the load side's cores during the run.
 Results: bench/results/<UTC time>.json and .md; the table is printed at the end.
 """
 
@@ -82,6 +83,17 @@ def cpu_ticks(pids):
             total += int(fields[11]) + int(fields[12])  # utime, stime
         except OSError:
             pass
+    return total
+
+
+def steal_ticks(cpus):
+    """Ticks the hypervisor ran something else on `cpus` (all when None): /proc/stat steal."""
+    total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name != "cpu" and (cpus is None or int(name[3:]) in cpus):
+                total += int(fields[7])
     return total
 
 
@@ -305,12 +317,18 @@ def main():
                 engine = chdb if chdb and name == "llmtap+clickhouse" else None
                 engine_before = cpu_ticks(engine.pids()) if engine else 0
                 before, threads_before = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
+                steal_before = steal_ticks(PROXY_CPUS), steal_ticks(LOAD_CPUS)
                 r = load(proc.port, sc)
+                steal_after = steal_ticks(PROXY_CPUS), steal_ticks(LOAD_CPUS)
                 after, threads_after = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
                 engine_after = cpu_ticks(engine.pids()) if engine else 0
                 row = {"scenario": sc["name"], "run": run, "target": name, **r}
                 per_req = lambda ticks: ticks / CLK * 1e6 / max(r["requests"], 1)
                 row["cpu_us_per_req"] = None if name == "direct" else per_req(after - before)
+                # A virtual machine's cores can be taken away by the host for 100 ms at a
+                # time: such a run's tail is the host's, whatever the target.
+                row["steal_ms"] = {"proxy_cores": (steal_after[0] - steal_before[0]) * 1000 / CLK,
+                                   "load_cores": (steal_after[1] - steal_before[1]) * 1000 / CLK}
                 if name.startswith("llmtap"):
                     row["cpu_us_per_req_by_thread"] = {
                         t: per_req(v - threads_before.get(t, 0)) for t, v in sorted(threads_after.items())
@@ -349,15 +367,17 @@ def main():
     where = (f"proxy on cores {sorted(PROXY_CPUS)}, load generator, mock and engine on {sorted(LOAD_CPUS)}"
              if PROXY_CPUS else "every process on every core")
     lines = [f"llmtap benchmark at {commit}, {stamp}, {os.cpu_count()} cores ({where})", "",
-             "| scenario | run | target | req/s | errors | ttfb p50 | p90 | p99 | p99.9 | max | total p99 | added p50 | added p99 | CPU µs/req | peak RSS MB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| scenario | run | target | req/s | errors | ttfb p50 | p90 | p99 | p99.9 | max | total p99 | added p50 | added p99 | CPU µs/req | peak RSS MB | host steal ms |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         t = r["ttfb_ms"]
         cpu = "-" if r["cpu_us_per_req"] is None else f"{r['cpu_us_per_req']:.0f}"
+        st = r["steal_ms"]
+        steal = f"{st['proxy_cores']:.0f}" if PROXY_CPUS is None else f"{st['proxy_cores']:.0f} / {st['load_cores']:.0f}"
         lines.append(f"| {r['scenario']} | {r['run']} | {r['target']} | {r['achieved_rate']:.0f} | {r['errors']} | {t['p50']:.3f} | "
                      f"{t['p90']:.3f} | {t['p99']:.3f} | {t['p999']:.3f} | {t['max']:.3f} | {r['total_ms']['p99']:.3f} | "
-                     f"{r['added_p50_ms']:+.3f} | {r['added_p99_ms']:+.3f} | {cpu} | {r.get('peak_rss_mb', 0):.1f} |")
-    md = "\n".join(lines) + "\n\nLatency in ms; ttfb is time to first body byte (TTFT for streams), measured from each request's scheduled send time. Dropped records: " + \
+                     f"{r['added_p50_ms']:+.3f} | {r['added_p99_ms']:+.3f} | {cpu} | {r.get('peak_rss_mb', 0):.1f} | {steal} |")
+    md = "\n".join(lines) + "\n\nLatency in ms; ttfb is time to first body byte (TTFT for streams), measured from each request's scheduled send time. Host steal: time the hypervisor ran something else on the machine's cores during the run (proxy's cores / load side's), counted in 10 ms ticks; a run with steal has its tail set by the host, whatever the target. Dropped records: " + \
         ", ".join(f"{r['scenario']}/{r['target']}/run{r['run']}={r['records_dropped']:.0f}" for r in results if r.get("records_dropped") is not None) + "\n"
     md += "\nCPU µs per request by thread (llmtap targets; `llmtap` is the runtime's workers):\n\n" + "\n".join(
         f"- {r['scenario']} run {r['run']} {r['target']}: " +
