@@ -139,10 +139,10 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
     let thread = {
         let stats = stats.clone();
         let closing = closing.clone();
-        let RecorderConfig { prices, capture, mut observers, .. } = cfg;
+        let RecorderConfig { prices, capture, observers, .. } = cfg;
+        let mut out = Batcher { writer, prices, capture, observers, stats, last_err_log: None };
         std::thread::Builder::new().name("llmtap-recorder".into()).spawn(move || {
             let mut batch = Vec::with_capacity(256);
-            let mut last_err_log: Option<Instant> = None;
             loop {
                 match rx.recv_timeout(Duration::from_millis(100)) {
                     Ok(p) => batch.push(p),
@@ -150,9 +150,7 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
                         if closing.load(Ordering::SeqCst) {
                             break;
                         }
-                        if let Err(e) = writer.flush().and_then(|_| writer.rotate_if_old()) {
-                            log_write_error(&mut last_err_log, &e);
-                        }
+                        out.idle();
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -166,17 +164,7 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
                 // A full batch means more are waiting: the recorder is behind, so it keeps
                 // the core (no yields) and goes straight on to the next batch.
                 let behind = batch.len() >= BATCH;
-                let turn = if behind { Yielder::off() } else { Yielder::new() };
-                write_batch(
-                    &mut batch,
-                    turn,
-                    &mut writer,
-                    &prices,
-                    &capture,
-                    &mut observers,
-                    &stats,
-                    &mut last_err_log,
-                );
+                out.write(&mut batch, if behind { Yielder::off() } else { Yielder::new() });
                 if !behind {
                     // Let the next records gather instead of being woken for each one: a
                     // sender only wakes a receiver parked in `recv`, and each wake is a futex
@@ -188,31 +176,11 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
             while let Ok(p) = rx.try_recv() {
                 batch.push(p);
                 if batch.len() >= BATCH {
-                    write_batch(
-                        &mut batch,
-                        Yielder::off(),
-                        &mut writer,
-                        &prices,
-                        &capture,
-                        &mut observers,
-                        &stats,
-                        &mut last_err_log,
-                    );
+                    out.write(&mut batch, Yielder::off());
                 }
             }
-            write_batch(
-                &mut batch,
-                Yielder::off(),
-                &mut writer,
-                &prices,
-                &capture,
-                &mut observers,
-                &stats,
-                &mut last_err_log,
-            );
-            if let Err(e) = writer.close() {
-                log_write_error(&mut last_err_log, &e);
-            }
+            out.write(&mut batch, Yielder::off());
+            out.close();
         })?
     };
     Ok((RecordSender { tx, stats: stats.clone() }, RecorderHandle { closing, thread: Some(thread), stats }))
@@ -225,49 +193,68 @@ fn log_write_error(last: &mut Option<Instant>, e: &std::io::Error) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_batch(
-    batch: &mut Vec<EndedCall>,
-    mut turn: Yielder,
-    writer: &mut SegmentWriter,
-    prices: &PriceTable,
-    capture: &CapturePolicy,
-    observers: &mut [Box<dyn RecordObserver>],
-    stats: &RecorderStats,
-    last_err_log: &mut Option<Instant>,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let mut done = Vec::with_capacity(batch.len());
-    let mut line = Vec::with_capacity(2048);
-    for call in batch.drain(..) {
-        turn.tick();
-        stats.queued.fetch_sub(1, Ordering::Relaxed);
-        let mut p = call.into_pending();
-        let extras = std::mem::take(&mut p.extras);
-        let rec = complete_record(p, prices, capture);
-        line.clear();
-        if serde_json::to_writer(&mut line, &rec).is_err() {
-            stats.write_errors.fetch_add(1, Ordering::Relaxed);
-            continue;
+/// The recorder thread's output side: where records go and what it needs to build them.
+struct Batcher {
+    writer: SegmentWriter,
+    prices: Arc<PriceTable>,
+    capture: CapturePolicy,
+    observers: Vec<Box<dyn RecordObserver>>,
+    stats: Arc<RecorderStats>,
+    /// When a write error was last logged: at most one line per 10 s.
+    last_err_log: Option<Instant>,
+}
+
+impl Batcher {
+    /// Builds, writes and shows the observers every call in `batch`, offering the core
+    /// between calls through `turn`.
+    fn write(&mut self, batch: &mut Vec<EndedCall>, mut turn: Yielder) {
+        if batch.is_empty() {
+            return;
         }
-        match writer.append(&line) {
-            Ok(()) => done.push((rec, extras)),
-            Err(e) => {
+        let stats = &*self.stats;
+        let mut done = Vec::with_capacity(batch.len());
+        let mut line = Vec::with_capacity(2048);
+        for call in batch.drain(..) {
+            turn.tick();
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
+            let mut p = call.into_pending();
+            let extras = std::mem::take(&mut p.extras);
+            let rec = complete_record(p, &self.prices, &self.capture);
+            line.clear();
+            if serde_json::to_writer(&mut line, &rec).is_err() {
                 stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                log_write_error(last_err_log, &e);
+                continue;
+            }
+            match self.writer.append(&line) {
+                Ok(()) => done.push((rec, extras)),
+                Err(e) => {
+                    stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    log_write_error(&mut self.last_err_log, &e);
+                }
+            }
+        }
+        if let Err(e) = self.writer.flush() {
+            log_write_error(&mut self.last_err_log, &e);
+        }
+        stats.written.fetch_add(done.len() as u64, Ordering::Relaxed);
+        for (rec, meta) in &done {
+            turn.tick();
+            for o in self.observers.iter_mut() {
+                o.observe(rec, meta);
             }
         }
     }
-    if let Err(e) = writer.flush() {
-        log_write_error(last_err_log, &e);
+
+    /// Nothing arrived for a while: push buffered lines to the file, rotate an old segment.
+    fn idle(&mut self) {
+        if let Err(e) = self.writer.flush().and_then(|_| self.writer.rotate_if_old()) {
+            log_write_error(&mut self.last_err_log, &e);
+        }
     }
-    stats.written.fetch_add(done.len() as u64, Ordering::Relaxed);
-    for (rec, meta) in &done {
-        turn.tick();
-        for o in observers.iter_mut() {
-            o.observe(rec, meta);
+
+    fn close(mut self) {
+        if let Err(e) = self.writer.close() {
+            log_write_error(&mut self.last_err_log, &e);
         }
     }
 }
