@@ -8,9 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 export LLMTAP_CHDB_PYTHON := $(abspath $(VENV))/bin/python
 
-.PHONY: test deps lint fmt clippy unit sdk chdb deploy-rules run bench-shipper
+.PHONY: test deps lint fmt clippy unit sdk chdb deploy-rules bench-checks run bench-shipper
 
-test: deps lint unit sdk chdb deploy-rules
+test: deps lint unit sdk chdb deploy-rules bench-checks
 
 # Debian packages the tests drive: Prometheus, promtool and Alertmanager (needs root or sudo
 # for apt-get).
@@ -50,6 +50,10 @@ chdb: $(VENV)/.installed
 # the Grafana provisioning file's checks (needs promtool, from `deps`; no Rust build).
 deploy-rules: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy
+
+# The benchmark harness's target verdicts, on hand-made rows (no build, no load).
+bench-checks: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/bench
 
 run:
 	$(CARGO) run --release -p llmtap -- serve

@@ -21,7 +21,8 @@ Per target: achieved rate, errors, p50/p90/p99/p99.9/max of time to first byte (
 streams) and total time, latency added over direct (difference of p50s and of p99s in the
 same round), proxy CPU microseconds per request (/proc utime+stime), peak RSS (VmHWM), and
 the host's steal time on the proxy's and the load side's cores during the run.
-Results: bench/results/<UTC time>.json and .md; the table is printed at the end.
+Results: bench/results/<UTC time>.json and .md; the table is printed at the end, followed by
+whether each of llmtap's performance targets held against nginx in each run (`verdicts`).
 """
 
 import argparse
@@ -275,6 +276,95 @@ def scenarios(quick):
     ]
 
 
+def verdicts(results):
+    """Issue 5's targets for llmtap (capture on) against nginx, per run: Markdown lines.
+
+    Latency compares the two targets' own ttfb percentiles from the same round (TTFT for
+    streams). Scenarios left out with --only are left out here too."""
+    rows = {(r["scenario"], r["run"], r["target"]): r for r in results}
+    runs = sorted({r["run"] for r in results})
+    checks = []  # (target, {run: (met, text)})
+
+    def per_run(label, fn):
+        got = {}
+        for run in runs:
+            v = fn(run)
+            if v is not None:
+                got[run] = v
+        if got:
+            checks.append((label, got))
+
+    def pair(scenario, run):
+        a, b = rows.get((scenario, run, "llmtap")), rows.get((scenario, run, "nginx"))
+        return (a, b) if a and b else (None, None)
+
+    for sc in ("json 1k/s", "json 5k/s", "sse 20 chunks 500/s"):
+        def p50(run, sc=sc):
+            a, b = pair(sc, run)
+            if not a:
+                return None
+            d = a["ttfb_ms"]["p50"] - b["ttfb_ms"]["p50"]
+            return d <= 0.1, f"{a['ttfb_ms']['p50']:.3f} vs {b['ttfb_ms']['p50']:.3f} ({d:+.3f})"
+
+        def p99(run, sc=sc):
+            a, b = pair(sc, run)
+            if not a:
+                return None
+            x = a["ttfb_ms"]["p99"] / max(b["ttfb_ms"]["p99"], 1e-9)
+            return x <= 1.25, f"{a['ttfb_ms']['p99']:.3f} vs {b['ttfb_ms']['p99']:.3f} ({x:.2f}×)"
+
+        per_run(f"{sc} p50 ≤ nginx + 0.1 ms", p50)
+        per_run(f"{sc} p99 ≤ 1.25 × nginx", p99)
+
+    def throughput(run):
+        a, b = pair("closed 64 conns", run)
+        if not a:
+            return None
+        x = a["achieved_rate"] / max(b["achieved_rate"], 1e-9)
+        return x >= 0.8, f"{a['achieved_rate']:.0f} vs {b['achieved_rate']:.0f} req/s ({x:.2f}×)"
+
+    def cpu(run):
+        worst = None
+        for (sc, r, t), a in rows.items():
+            b = rows.get((sc, r, "nginx"))
+            if r != run or t != "llmtap" or not b or not a["cpu_us_per_req"] or not b["cpu_us_per_req"]:
+                continue
+            x = a["cpu_us_per_req"] / b["cpu_us_per_req"]
+            if worst is None or x > worst[0]:
+                worst = (x, sc, a["cpu_us_per_req"], b["cpu_us_per_req"])
+        if worst is None:
+            return None
+        x, sc, a, b = worst
+        return x <= 2, f"worst {sc}: {a:.0f} vs {b:.0f} µs ({x:.2f}×)"
+
+    def rss(sc, cap):
+        def check(run):
+            a = rows.get((sc, run, "llmtap"))
+            return None if not a else (a["peak_rss_mb"] < cap, f"{a['peak_rss_mb']:.1f} MB")
+        return check
+
+    def clean(run):
+        a = rows.get(("json 5k/s", run, "llmtap"))
+        if not a:
+            return None
+        dropped = a.get("records_dropped")
+        ok = a["errors"] == 0 and dropped == 0
+        return ok, f"{a['errors']} errors, {'?' if dropped is None else f'{dropped:.0f}'} dropped"
+
+    per_run("closed-loop throughput ≥ 0.8 × nginx", throughput)
+    per_run("CPU per request ≤ 2 × nginx", cpu)
+    per_run("peak RSS at json 1k/s < 50 MB", rss("json 1k/s", 50))
+    per_run("peak RSS with 1,000 open streams < 150 MB", rss("1000 open streams", 150))
+    per_run("json 5k/s: 0 errors, 0 dropped records", clean)
+    if not checks:
+        return []
+    lines = ["| target | " + " | ".join(f"run {r}" for r in runs) + " |", "|---|" + "---|" * len(runs)]
+    for label, got in checks:
+        cells = [("met: " if got[r][0] else "**missed**: ") + got[r][1] if r in got else "-" for r in runs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -383,6 +473,9 @@ def main():
         f"- {r['scenario']} run {r['run']} {r['target']}: " +
         ", ".join(f"{t} {v:.1f}" for t, v in r["cpu_us_per_req_by_thread"].items())
         for r in results if r.get("cpu_us_per_req_by_thread")) + "\n"
+    verdict = verdicts(results)
+    if verdict:
+        md += "\nTargets (llmtap with capture on against nginx, same round):\n\n" + "\n".join(verdict) + "\n"
     with open(os.path.join(out_dir, f"{stamp}.md"), "w") as f:
         f.write(md)
     print(md)
