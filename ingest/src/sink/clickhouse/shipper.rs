@@ -156,14 +156,10 @@ const READ_CHUNK: usize = 64 * 1024;
 /// meanwhile waited for all of it.
 fn read_chunked(r: &mut impl Read, size_hint: usize, turn: &mut Yielder) -> io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(size_hint);
-    let mut chunk = vec![0u8; READ_CHUNK.min(size_hint.max(1))];
     loop {
         turn.tick();
-        match r.read(&mut chunk) {
-            Ok(0) => return Ok(buf),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        if r.by_ref().take(READ_CHUNK as u64).read_to_end(&mut buf)? == 0 {
+            return Ok(buf);
         }
     }
 }
