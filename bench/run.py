@@ -212,13 +212,13 @@ http {{
     return p
 
 
-def start_llmtap(mock_port, work, name, clickhouse_url=None):
+def start_llmtap(mock_port, work, name, clickhouse_url=None, binary=None):
     port, admin = free_port(), free_port()
     data = os.path.join(work, name)
     env = {"LLMTAP_UPSTREAM_OPENAI": f"http://127.0.0.1:{mock_port}", "LLMTAP_LOG_LEVEL": "warn"}
     if clickhouse_url:
         env["LLMTAP_CLICKHOUSE_URL"] = clickhouse_url
-    p = Proc(name, [os.path.join(REL, "llmtap"), "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen",
+    p = Proc(name, [binary or os.path.join(REL, "llmtap"), "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen",
                     f"127.0.0.1:{admin}", "--data-dir", data], env=env, port=port, cpus=PROXY_CPUS)
     p.admin = admin
     wait_port(port)
@@ -372,6 +372,8 @@ def main():
     ap.add_argument("--only", help="comma-separated scenario name prefixes")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--no-clickhouse", action="store_true", help="skip the llmtap+clickhouse target")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="another llmtap binary (an earlier build, say) to run as target 'baseline' in every round")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="proxy on cores of its own, load side on core 0 (default; needs 2+ cores)")
     args = ap.parse_args()
@@ -397,6 +399,8 @@ def main():
         mock = start_mock()
         chdb = None if args.no_clickhouse else start_chdb(work)
         targets = [("direct", mock), ("nginx", start_nginx(mock.port, work)), ("llmtap", start_llmtap(mock.port, work, "llmtap"))]
+        if args.baseline:
+            targets.append(("baseline", start_llmtap(mock.port, work, "baseline", binary=os.path.abspath(args.baseline))))
         if chdb:
             targets.append(("llmtap+clickhouse", start_llmtap(mock.port, work, "llmtap-ch", f"http://127.0.0.1:{chdb.port}")))
         time.sleep(1)
@@ -419,7 +423,7 @@ def main():
                 # time: such a run's tail is the host's, whatever the target.
                 row["steal_ms"] = {"proxy_cores": (steal_after[0] - steal_before[0]) * 1000 / CLK,
                                    "load_cores": (steal_after[1] - steal_before[1]) * 1000 / CLK}
-                if name.startswith("llmtap"):
+                if name.startswith("llmtap") or name == "baseline":
                     row["cpu_us_per_req_by_thread"] = {
                         t: per_req(v - threads_before.get(t, 0)) for t, v in sorted(threads_after.items())
                         if v - threads_before.get(t, 0) > 0}
@@ -427,7 +431,7 @@ def main():
                     # The test engine shares the machine's 2 cores; its inserts are part of
                     # what this target's tail latency pays for.
                     row["cpu_us_per_req_by_thread"]["(clickhouse engine process)"] = per_req(engine_after - engine_before)
-                if name.startswith("llmtap"):
+                if name.startswith("llmtap") or name == "baseline":
                     row["records_dropped"] = metric(proc, "llmtap_trace_log_records_dropped_total")
                 round_rows[name] = row
                 print(f"  {sc['name']:<22} run {run} {name:<18} {r['achieved_rate']:>8.0f}/s errors {r['errors']:<5} "

@@ -73,7 +73,7 @@ fn run_exchange(
         black_box(ex.on_response_frame(f.clone()));
     }
     ex.on_response_end();
-    ex.finish(ErrorKind::None, 200).into_pending()
+    ex.finish(ErrorKind::None, 200).into_pending(&mut llmtap_ingest::OpenStreams::default())
 }
 
 fn bench_sse(c: &mut Criterion) {

@@ -2,7 +2,8 @@
 //! every response frame; the exchange keeps the facts and hands back what to forward.
 //! Everything here is synchronous and bounded; nothing blocks or fails the request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -56,13 +57,21 @@ pub struct ExchangeLimits {
     pub text_cap: usize,
     /// Non-streaming response body kept for parsing.
     pub json_cap: usize,
+    /// Stream bytes gathered before they go to the recorder's thread to be parsed, as one
+    /// `StreamPiece`.
+    pub stream_piece: usize,
 }
 
 impl Default for ExchangeLimits {
     fn default() -> Self {
-        ExchangeLimits { text_cap: 64 * 1024, json_cap: 32 * 1024 * 1024 }
+        ExchangeLimits { text_cap: 64 * 1024, json_cap: 32 * 1024 * 1024, stream_piece: 4 * 1024 }
     }
 }
+
+/// While the recorder's queue has no room for a stream's pieces, the most the stream keeps
+/// waiting for it. Past this the held bytes are dropped and the record says `parse_error`:
+/// its facts (usage, output) are incomplete. The client's bytes are never affected.
+const STREAM_HOLD_MAX: usize = 1024 * 1024;
 
 /// A finished call that still needs its tokens estimated, its cost priced and its bodies
 /// captured; the record writer does that off the request path.
@@ -88,6 +97,8 @@ pub struct PendingTrace {
 #[derive(Debug)]
 pub struct EndedCall(Box<Ended>);
 
+// The whole enum lives in `EndedCall`'s box; the test-only variant is the smaller one.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Ended {
     Call {
@@ -103,9 +114,12 @@ enum Ended {
 
 impl EndedCall {
     /// The call's record, with what the recorder still adds (tokens, cost, bodies) left to do.
-    pub fn into_pending(self) -> PendingTrace {
+    /// `streams` holds the parsers of streams whose pieces went ahead of the call's end.
+    pub fn into_pending(self, streams: &mut OpenStreams) -> PendingTrace {
         match *self.0 {
-            Ended::Call { exchange, error, client_status, ended } => exchange.build(error, client_status, ended),
+            Ended::Call { exchange, error, client_status, ended } => {
+                exchange.build(error, client_status, ended, streams)
+            }
             #[cfg(test)]
             Ended::Built(p) => p,
         }
@@ -119,11 +133,119 @@ impl From<PendingTrace> for EndedCall {
     }
 }
 
+/// A stream's bytes on their way to the recorder's thread, which parses them (`OpenStreams`).
+///
+/// Parsing a stream's events for usage, output text and tool calls costs more than
+/// forwarding them. The worker only copies each frame's bytes and notes when the frame came;
+/// every `stream_piece` bytes go to the recorder through the queue the call's end takes
+/// later, so a stream's pieces arrive in order and before its end. The first piece carries
+/// the call's adapter with it.
+#[derive(Debug)]
+pub struct StreamPiece(Box<Piece>);
+
+#[derive(Debug)]
+struct Piece {
+    key: StreamKey,
+    /// The adapter and the first-token time so far, with the stream's first piece.
+    adapter: Option<(Adapter, Option<Duration>)>,
+    bytes: Vec<u8>,
+    stamps: Vec<Stamp>,
+}
+
+/// Where a frame ended in a piece's bytes, and when it arrived (since the call started).
+type Stamp = (u32, Duration);
+
+/// Names a stream whose parsing moved to the recorder. The recorder's entry holds a clone:
+/// once it holds the only one, the call and its queued pieces are gone (its end was
+/// refused by a full queue) and the entry can go too.
+#[derive(Clone, Debug)]
+struct StreamKey(Arc<()>);
+
+impl StreamKey {
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+}
+
+/// The recorder's side of the streams whose pieces it is parsing, until each call ends.
+#[derive(Debug, Default)]
+pub struct OpenStreams {
+    streams: HashMap<usize, Moved>,
+}
+
+#[derive(Debug)]
+struct Moved {
+    key: StreamKey,
+    adapter: Adapter,
+    first_token_at: Option<Duration>,
+}
+
+impl OpenStreams {
+    /// Parses a piece of a stream.
+    pub fn feed(&mut self, piece: StreamPiece) {
+        let Piece { key, adapter, bytes, stamps } = *piece.0;
+        let moved = match adapter {
+            Some((adapter, first_token_at)) => {
+                self.streams.entry(key.id()).or_insert(Moved { key, adapter, first_token_at })
+            }
+            // The first piece always carries the adapter, and pieces arrive in order.
+            None => match self.streams.get_mut(&key.id()) {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        parse_frames(&mut moved.adapter, &bytes, &stamps, &mut moved.first_token_at);
+    }
+
+    /// Forgets streams whose call will never reach the recorder: its end was refused by a
+    /// full queue, so nothing else holds its key.
+    pub fn sweep(&mut self) {
+        self.streams.retain(|_, m| Arc::strong_count(&m.key.0) > 1);
+    }
+
+    /// Streams being parsed here.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    fn take(&mut self, key: &StreamKey) -> Option<Moved> {
+        self.streams.remove(&key.id())
+    }
+}
+
+/// Feeds an adapter frame by frame; the arrival of the frame that completes the first event
+/// with model content is the time to first token.
+fn parse_frames(adapter: &mut Adapter, bytes: &[u8], stamps: &[Stamp], first_token_at: &mut Option<Duration>) {
+    let mut from = 0;
+    for &(end, at) in stamps {
+        let end = end as usize;
+        if adapter.on_response_data(&bytes[from..end]) && first_token_at.is_none() {
+            *first_token_at = Some(at);
+        }
+        from = end;
+    }
+}
+
 /// Per-call state.
 pub struct Exchange {
     meta: CallMeta,
     provider: ProviderKind,
-    adapter: Adapter,
+    /// `None` once the stream's parsing moved to the recorder (`StreamPiece`).
+    adapter: Option<Adapter>,
+    /// Set when the first stream piece is cut; names the stream to the recorder.
+    key: Option<StreamKey>,
+    /// The response is a stream: its bytes are parsed on the recorder's thread.
+    defer: bool,
+    /// Stream bytes not yet sent to the recorder, and where each frame ends in them.
+    unparsed: Vec<u8>,
+    stamps: Vec<Stamp>,
+    stream_piece: usize,
+    /// Stream bytes were dropped while the recorder had no room (`STREAM_HOLD_MAX`).
+    lost: bool,
     decoder: Option<ContentDecoder>,
     stripper: Option<StreamUsageStripper>,
     request_body: Bytes,
@@ -163,7 +285,13 @@ impl Exchange {
         let ex = Exchange {
             meta,
             provider,
-            adapter,
+            adapter: Some(adapter),
+            key: None,
+            defer: false,
+            unparsed: Vec::new(),
+            stamps: Vec::new(),
+            stream_piece: limits.stream_piece.max(1),
+            lost: false,
             decoder: Some(ContentDecoder::Identity),
             stripper: None,
             request_body,
@@ -186,7 +314,7 @@ impl Exchange {
     /// Whether llmtap added `stream_options.include_usage` to the forwarded request (the
     /// proxy then asks the upstream for an uncompressed body so it can hide the additions).
     pub fn injected_stream_usage(&self) -> bool {
-        self.adapter.facts.injected_stream_usage
+        self.adapter.as_ref().is_some_and(|a| a.facts.injected_stream_usage)
     }
 
     /// Time spent inside llmtap, as measured by the proxy around its own work.
@@ -199,15 +327,21 @@ impl Exchange {
     pub fn on_response_head(&mut self, status: u16, headers: &HeaderMap) -> bool {
         self.status = status;
         self.upstream_at = Some(self.started.elapsed());
-        self.adapter.on_response_head(status, headers);
+        let Some(adapter) = self.adapter.as_mut() else {
+            return false;
+        };
+        adapter.on_response_head(status, headers);
         let encoding = headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
         self.decoder = ContentDecoder::for_encoding(encoding);
         if self.decoder.is_none() {
             // An encoding llmtap cannot read: the body still passes through untouched.
-            self.adapter.facts.parse_error = true;
+            adapter.facts.parse_error = true;
         }
-        let rewrite = self.adapter.facts.injected_stream_usage
-            && self.adapter.facts.streamed
+        // The adapter calls a response a stream only when its framing is one (SSE, a JSON
+        // array); a JSON body is kept whole and parsed when the record is built.
+        self.defer = adapter.facts.streamed;
+        let rewrite = adapter.facts.injected_stream_usage
+            && adapter.facts.streamed
             && status < 300
             && self.decoder.as_ref().is_some_and(ContentDecoder::is_identity);
         if rewrite {
@@ -216,7 +350,8 @@ impl Exchange {
         rewrite
     }
 
-    /// One response frame from upstream; returns the bytes to forward to the client.
+    /// One response frame from upstream; returns the bytes to forward to the client. A
+    /// stream's bytes are only kept here, for `take_piece`.
     pub fn on_response_frame(&mut self, frame: Bytes) -> Bytes {
         let now = self.started.elapsed();
         if self.first_byte_at.is_none() && !frame.is_empty() {
@@ -225,20 +360,15 @@ impl Exchange {
         self.response_bytes += frame.len() as u64;
         if let Some(dec) = self.decoder.as_mut() {
             match dec {
-                ContentDecoder::Identity => {
-                    if self.adapter.on_response_data(&frame) && self.first_token_at.is_none() {
-                        self.first_token_at = Some(now);
-                    }
-                }
+                ContentDecoder::Identity => self.on_plain(&frame, now),
                 _ => match dec.push(&frame) {
-                    Ok(plain) => {
-                        if self.adapter.on_response_data(&plain) && self.first_token_at.is_none() {
-                            self.first_token_at = Some(now);
-                        }
-                    }
+                    Ok(plain) => self.on_plain(&plain, now),
                     Err(_) => {
-                        self.adapter.facts.parse_error = true;
                         self.decoder = None;
+                        match self.adapter.as_mut() {
+                            Some(a) => a.facts.parse_error = true,
+                            None => self.lost = true,
+                        }
                     }
                 },
             }
@@ -251,6 +381,68 @@ impl Exchange {
         out
     }
 
+    /// Decoded response bytes: a stream's are kept for the recorder, anything else goes to
+    /// the adapter (which keeps a JSON body whole).
+    fn on_plain(&mut self, data: &[u8], at: Duration) {
+        if !self.defer {
+            if let Some(a) = self.adapter.as_mut() {
+                if a.on_response_data(data) && self.first_token_at.is_none() {
+                    self.first_token_at = Some(at);
+                }
+            }
+            return;
+        }
+        if data.is_empty() {
+            return;
+        }
+        if self.unparsed.capacity() == 0 {
+            self.unparsed.reserve_exact(self.stream_piece.max(data.len()));
+        }
+        self.unparsed.extend_from_slice(data);
+        self.stamps.push((self.unparsed.len() as u32, at));
+    }
+
+    /// The stream bytes gathered so far, once there are `stream_piece` of them, for the
+    /// caller to queue to the recorder (`RecordSender::try_piece`). A piece the queue
+    /// refuses goes back through `piece_refused`.
+    pub fn take_piece(&mut self) -> Option<StreamPiece> {
+        if self.unparsed.len() < self.stream_piece {
+            return None;
+        }
+        let key = self.key.get_or_insert_with(|| StreamKey(Arc::new(()))).clone();
+        let adapter = self.adapter.take().map(|a| (a, self.first_token_at));
+        let bytes = std::mem::take(&mut self.unparsed);
+        let stamps = std::mem::take(&mut self.stamps);
+        Some(StreamPiece(Box::new(Piece { key, adapter, bytes, stamps })))
+    }
+
+    /// The recorder's queue had no room for `piece`. While the adapter is still here the
+    /// piece is parsed right away, on this thread; once it has moved, the bytes wait for
+    /// the next piece, up to `STREAM_HOLD_MAX`.
+    pub fn piece_refused(&mut self, piece: StreamPiece) {
+        let Piece { adapter, mut bytes, mut stamps, .. } = *piece.0;
+        if let Some((mut adapter, mut first_token_at)) = adapter {
+            parse_frames(&mut adapter, &bytes, &stamps, &mut first_token_at);
+            self.adapter = Some(adapter);
+            self.first_token_at = first_token_at;
+            bytes.clear();
+            stamps.clear();
+        } else if bytes.len() + self.unparsed.len() > STREAM_HOLD_MAX {
+            bytes.clear();
+            stamps.clear();
+            self.lost = true;
+        }
+        if !self.unparsed.is_empty() {
+            // Frames that came after the piece was cut (none when the caller queues each
+            // piece as it is cut): they go after the piece's bytes.
+            let base = bytes.len() as u32;
+            bytes.extend_from_slice(&self.unparsed);
+            stamps.extend(self.stamps.iter().map(|&(end, at)| (base + end, at)));
+        }
+        self.unparsed = bytes;
+        self.stamps = stamps;
+    }
+
     /// The upstream body ended; returns any bytes still held back for the client.
     pub fn on_response_end(&mut self) -> Bytes {
         let out = self.stripper.as_mut().map(StreamUsageStripper::finish).unwrap_or_default();
@@ -258,31 +450,55 @@ impl Exchange {
         out
     }
 
-    /// Whether the stream's final event was seen (a client leaving after it succeeded).
-    pub fn saw_final(&self) -> bool {
-        self.adapter.facts.saw_final
-    }
-
     /// Ends the call with `error` (`ErrorKind::None` when the body completed) and the status
-    /// the client got; its duration stops now. This only moves the exchange into the returned
+    /// the client got. A client that left (`ClientDisconnect`) after the stream's final event
+    /// is a success: the record says so once the stream is parsed. The call's its duration stops now. This only moves the exchange into the returned
     /// value: the record is built by `EndedCall::into_pending`, on the recorder's thread.
     pub fn finish(self, error: ErrorKind, client_status: u16) -> EndedCall {
         EndedCall(Box::new(Ended::Call { exchange: self, error, client_status, ended: Instant::now() }))
     }
 
-    /// Builds the record: parses a buffered JSON body, then assembles the columns.
-    fn build(mut self, error: ErrorKind, client_status: u16, ended: Instant) -> PendingTrace {
+    /// Builds the record: parses what is left of a stream or a buffered JSON body, then
+    /// assembles the columns.
+    fn build(
+        mut self,
+        error: ErrorKind,
+        client_status: u16,
+        ended: Instant,
+        streams: &mut OpenStreams,
+    ) -> PendingTrace {
+        let moved = self.key.as_ref().and_then(|k| streams.take(k));
+        let (mut adapter, mut first_token_at) = match (self.adapter.take(), moved) {
+            (Some(a), _) => (a, self.first_token_at),
+            (None, Some(m)) => (m.adapter, m.first_token_at),
+            (None, None) => {
+                // Only a piece that never reached `streams` can leave neither (a bug): the
+                // record keeps what the worker knows and says its facts are incomplete.
+                debug_assert!(false, "stream {} lost its adapter", self.meta.trace_id);
+                let mut a = Adapter::new(self.provider, 0, 0);
+                a.facts.parse_error = true;
+                (a, None)
+            }
+        };
+        parse_frames(&mut adapter, &self.unparsed, &self.stamps, &mut first_token_at);
+        if self.lost {
+            adapter.facts.parse_error = true;
+        }
+        let error = match error {
+            ErrorKind::ClientDisconnect if adapter.facts.saw_final => ErrorKind::None,
+            e => e,
+        };
         let complete = error == ErrorKind::None;
-        self.adapter.finish(complete);
+        adapter.finish(complete);
         let duration = ended.saturating_duration_since(self.started);
-        let facts = std::mem::take(&mut self.adapter.facts);
+        let facts = std::mem::take(&mut adapter.facts);
         let status = if self.status == 0 { client_status } else { self.status };
         let error_kind = match error {
             ErrorKind::None if status >= 400 => ErrorKind::HttpError,
             ErrorKind::None if facts.parse_error => ErrorKind::ParseError,
             e => e,
         };
-        let ttft = if facts.streamed { self.first_token_at } else { self.first_byte_at };
+        let ttft = if facts.streamed { first_token_at } else { self.first_byte_at };
         let ms = |d: Option<Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
         let user_id = if self.meta.user_id.is_empty() { facts.user_id } else { std::mem::take(&mut self.meta.user_id) };
         let tool_call_ids = facts.tool_calls.iter().map(|t| t.id.clone()).collect();
@@ -337,5 +553,92 @@ impl Exchange {
             capture_bodies: self.meta.capture_bodies,
             extras,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn stream_exchange(stream_piece: usize) -> Exchange {
+        let body = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let headers = HeaderMap::new();
+        let view = RequestView { method: "POST", path: "/v1/chat/completions", query: "", headers: &headers, body };
+        let limits = ExchangeLimits { stream_piece, ..ExchangeLimits::default() };
+        let meta = CallMeta { trace_id: "t".into(), ..CallMeta::default() };
+        let (mut ex, _) = Exchange::start(
+            meta,
+            ProviderKind::OpenAi,
+            Instant::now(),
+            &view,
+            Bytes::from_static(body),
+            RequestOptions::default(),
+            limits,
+        );
+        let mut head = HeaderMap::new();
+        head.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+        assert!(!ex.on_response_head(200, &head));
+        ex
+    }
+
+    const EVENT: &[u8] =
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ab\"},\"finish_reason\":null}]}\n\n";
+
+    #[test]
+    fn streams_whose_end_never_comes_are_swept() {
+        let mut streams = OpenStreams::default();
+        let mut ex = stream_exchange(16);
+        assert_eq!(ex.on_response_frame(Bytes::from_static(EVENT)), EVENT);
+        streams.feed(ex.take_piece().unwrap());
+        assert_eq!(streams.len(), 1);
+        streams.sweep();
+        assert_eq!(streams.len(), 1, "the call is still open");
+        drop(ex); // its end was refused by a full queue
+        streams.sweep();
+        assert!(streams.is_empty());
+    }
+
+    #[test]
+    fn a_stream_the_recorder_has_no_room_for_is_marked_incomplete() {
+        let mut streams = OpenStreams::default();
+        let mut ex = stream_exchange(EVENT.len());
+        ex.on_response_frame(Bytes::from_static(EVENT));
+        streams.feed(ex.take_piece().unwrap());
+        // The adapter is on the recorder's side now; every later piece is refused.
+        let mut held = 0;
+        while held <= STREAM_HOLD_MAX {
+            assert_eq!(ex.on_response_frame(Bytes::from_static(EVENT)), EVENT, "the client's bytes never change");
+            held += EVENT.len();
+            let piece = ex.take_piece().unwrap();
+            ex.piece_refused(piece);
+        }
+        assert!(ex.unparsed.len() < STREAM_HOLD_MAX);
+        ex.on_response_frame(Bytes::from_static(b"data: [DONE]\n\n"));
+        let rec = ex.finish(ErrorKind::None, 200).into_pending(&mut streams).record;
+        assert_eq!(rec.error_kind, ErrorKind::ParseError);
+        assert_eq!(rec.output_text, "ab", "the first piece was parsed; the held bytes were dropped");
+        assert!(streams.is_empty());
+    }
+
+    #[test]
+    fn refused_pieces_wait_for_the_next_one_while_the_recorder_has_the_adapter() {
+        let mut streams = OpenStreams::default();
+        let mut ex = stream_exchange(EVENT.len());
+        for i in 0..4 {
+            ex.on_response_frame(Bytes::from_static(EVENT));
+            let piece = ex.take_piece().unwrap();
+            if i == 1 || i == 2 {
+                ex.piece_refused(piece);
+            } else {
+                streams.feed(piece);
+            }
+        }
+        assert!(ex.unparsed.is_empty(), "the fourth piece took the two refused ones with it");
+        ex.on_response_frame(Bytes::from_static(b"data: [DONE]\n\n"));
+        let rec = ex.finish(ErrorKind::ClientDisconnect, 200).into_pending(&mut streams).record;
+        assert_eq!(rec.output_text, "abababab");
+        assert_eq!(rec.error_kind, ErrorKind::None, "the client left after [DONE]: a success");
     }
 }

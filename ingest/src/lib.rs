@@ -18,6 +18,6 @@ pub mod sink;
 pub mod sse;
 pub mod stats;
 
-pub use exchange::{CallMeta, EndedCall, Exchange, ExchangeLimits, PendingTrace};
+pub use exchange::{CallMeta, EndedCall, Exchange, ExchangeLimits, OpenStreams, PendingTrace, StreamPiece};
 pub use provider::{ProviderKind, RequestOptions, RequestView};
 pub use record::{ErrorKind, Operation, Timestamp, TraceRecord, UsageSource};

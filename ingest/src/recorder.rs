@@ -1,8 +1,9 @@
 //! The recorder: the one consumer of finished calls. Proxy tasks hand it `EndedCall`s
-//! through a bounded channel with `try_record` (never waits; full → drop and count). Its own
-//! OS thread builds each call's record (parsing a buffered JSON response), estimates missing
-//! usage, prices the call, applies the capture policy, appends the record to the local log
-//! and then shows it to observers (exporters, the scorer).
+//! through a bounded channel with `try_record` (never waits; full → drop and count), and,
+//! ahead of a stream's end, its bytes in `StreamPiece`s (`try_piece`). Its own OS thread
+//! parses the streams, builds each call's record (parsing a buffered JSON response),
+//! estimates missing usage, prices the call, applies the capture policy, appends the record
+//! to the local log and then shows it to observers (exporters, the scorer).
 //!
 //! Shutdown: `RecorderHandle::shutdown` closes the door, drains every queued record to disk,
 //! fsyncs and joins the thread.
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::background::Yielder;
 use crate::capture::CapturePolicy;
 use crate::estimate::estimate_usage;
-use crate::exchange::{EndedCall, PendingTrace};
+use crate::exchange::{EndedCall, OpenStreams, PendingTrace, StreamPiece};
 use crate::log::{LogConfig, SegmentWriter};
 use crate::pricing::PriceTable;
 use crate::record::{ErrorKind, TraceRecord, UsageSource};
@@ -39,13 +40,23 @@ pub struct RecorderStats {
     pub dropped_full: AtomicU64,
     pub write_errors: AtomicU64,
     pub queued: AtomicU64,
+    /// Stream pieces a worker parsed itself because the queue had no room for them.
+    pub pieces_refused: AtomicU64,
     last_drop_log: AtomicU64,
+}
+
+/// What the proxy queues for the recorder. One queue for both keeps a stream's pieces ahead
+/// of its end.
+#[derive(Debug)]
+enum Message {
+    Piece(StreamPiece),
+    Ended(EndedCall),
 }
 
 /// The sending side, cloned into every connection task.
 #[derive(Clone, Debug)]
 pub struct RecordSender {
-    tx: SyncSender<EndedCall>,
+    tx: SyncSender<Message>,
     stats: Arc<RecorderStats>,
 }
 
@@ -53,7 +64,7 @@ impl RecordSender {
     /// Queues a finished call without waiting. When the queue is full (or the recorder is
     /// gone) the record is dropped, counted, and a warning is logged at most every 10 s.
     pub fn try_record(&self, p: EndedCall) -> bool {
-        match self.tx.try_send(p) {
+        match self.tx.try_send(Message::Ended(p)) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
                 true
@@ -76,6 +87,21 @@ impl RecordSender {
                 }
                 false
             }
+        }
+    }
+
+    /// Queues a piece of a stream for parsing without waiting; hands it back when the queue
+    /// is full (or the recorder is gone), for the caller to parse itself
+    /// (`Exchange::piece_refused`).
+    pub fn try_piece(&self, piece: StreamPiece) -> Result<(), StreamPiece> {
+        let refused = match self.tx.try_send(Message::Piece(piece)) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => m,
+        };
+        self.stats.pieces_refused.fetch_add(1, Ordering::Relaxed);
+        match refused {
+            Message::Piece(p) => Err(p),
+            Message::Ended(_) => unreachable!("try_send hands back the message it was given"),
         }
     }
 
@@ -127,25 +153,37 @@ const COALESCE: Duration = Duration::from_millis(10);
 /// The most calls the recorder takes from its queue at once.
 const BATCH: usize = 1024;
 
+/// How often the recorder forgets streams whose end was refused by a full queue.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// Starts the recorder thread writing to `<data_dir>/traces/`.
 pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(RecordSender, RecorderHandle)> {
     let mut writer = SegmentWriter::open(data_dir, "traces", cfg.log.clone())?;
     if cfg.cap_enforced_by_shipper {
         writer.set_cap_enforced_elsewhere();
     }
-    let (tx, rx) = mpsc::sync_channel::<EndedCall>(cfg.log.channel_capacity.max(1));
+    let (tx, rx) = mpsc::sync_channel::<Message>(cfg.log.channel_capacity.max(1));
     let stats = Arc::new(RecorderStats::default());
     let closing = Arc::new(AtomicBool::new(false));
     let thread = {
         let stats = stats.clone();
         let closing = closing.clone();
         let RecorderConfig { prices, capture, observers, .. } = cfg;
-        let mut out = Batcher { writer, prices, capture, observers, stats, last_err_log: None };
+        let mut out = Batcher {
+            writer,
+            prices,
+            capture,
+            observers,
+            stats,
+            streams: OpenStreams::default(),
+            last_sweep: Instant::now(),
+            last_err_log: None,
+        };
         std::thread::Builder::new().name("llmtap-recorder".into()).spawn(move || {
             let mut batch = Vec::with_capacity(256);
             loop {
                 match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(p) => batch.push(p),
+                    Ok(m) => batch.push(m),
                     Err(RecvTimeoutError::Timeout) => {
                         if closing.load(Ordering::SeqCst) {
                             break;
@@ -157,7 +195,7 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
                 }
                 while batch.len() < BATCH {
                     match rx.try_recv() {
-                        Ok(p) => batch.push(p),
+                        Ok(m) => batch.push(m),
                         Err(_) => break,
                     }
                 }
@@ -173,8 +211,8 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
                 }
             }
             // Drain what is still queued.
-            while let Ok(p) = rx.try_recv() {
-                batch.push(p);
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
                 if batch.len() >= BATCH {
                     out.write(&mut batch, Yielder::off());
                 }
@@ -200,24 +238,34 @@ struct Batcher {
     capture: CapturePolicy,
     observers: Vec<Box<dyn RecordObserver>>,
     stats: Arc<RecorderStats>,
+    /// Streams whose pieces came ahead of their end.
+    streams: OpenStreams,
+    last_sweep: Instant,
     /// When a write error was last logged: at most one line per 10 s.
     last_err_log: Option<Instant>,
 }
 
 impl Batcher {
-    /// Builds, writes and shows the observers every call in `batch`, offering the core
-    /// between calls through `turn`.
-    fn write(&mut self, batch: &mut Vec<EndedCall>, mut turn: Yielder) {
+    /// Parses the stream pieces in `batch`; builds, writes and shows the observers every
+    /// call in it, offering the core between messages through `turn`.
+    fn write(&mut self, batch: &mut Vec<Message>, mut turn: Yielder) {
         if batch.is_empty() {
             return;
         }
         let stats = &*self.stats;
         let mut done = Vec::with_capacity(batch.len());
         let mut line = Vec::with_capacity(2048);
-        for call in batch.drain(..) {
+        for msg in batch.drain(..) {
             turn.tick();
+            let call = match msg {
+                Message::Piece(piece) => {
+                    self.streams.feed(piece);
+                    continue;
+                }
+                Message::Ended(call) => call,
+            };
             stats.queued.fetch_sub(1, Ordering::Relaxed);
-            let mut p = call.into_pending();
+            let mut p = call.into_pending(&mut self.streams);
             let extras = std::mem::take(&mut p.extras);
             let rec = complete_record(p, &self.prices, &self.capture);
             line.clear();
@@ -243,13 +291,19 @@ impl Batcher {
                 o.observe(rec, meta);
             }
         }
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.streams.sweep();
+            self.last_sweep = Instant::now();
+        }
     }
 
-    /// Nothing arrived for a while: push buffered lines to the file, rotate an old segment.
+    /// Nothing arrived for a while: push buffered lines to the file, rotate an old segment,
+    /// forget streams whose end will not come.
     fn idle(&mut self) {
         if let Err(e) = self.writer.flush().and_then(|_| self.writer.rotate_if_old()) {
             log_write_error(&mut self.last_err_log, &e);
         }
+        self.streams.sweep();
     }
 
     fn close(mut self) {
@@ -332,7 +386,14 @@ mod tests {
         assert!(!sender.try_record(pending("c")));
         assert!(!sender.try_record(pending("d")));
         assert_eq!(sender.stats().dropped_full.load(Ordering::Relaxed), 2);
-        assert_eq!(rx.try_iter().map(|p| p.into_pending().record.trace_id).collect::<Vec<_>>(), vec!["a", "b"]);
+        let ids: Vec<_> = rx
+            .try_iter()
+            .map(|m| match m {
+                Message::Ended(c) => c.into_pending(&mut OpenStreams::default()).record.trace_id,
+                Message::Piece(p) => panic!("no pieces were sent: {p:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec!["a", "b"]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use llmtap_ingest::capture::CaptureConfig;
 use llmtap_ingest::pricing::PriceTable;
 use llmtap_ingest::recorder::complete_record;
 use llmtap_ingest::{
-    CallMeta, ErrorKind, Exchange, ExchangeLimits, ProviderKind, RequestOptions, RequestView, TraceRecord,
+    CallMeta, ErrorKind, Exchange, ExchangeLimits, OpenStreams, ProviderKind, RequestOptions, RequestView, TraceRecord,
 };
 use llmtap_testkit::{all_cases, fixtures_dir, Case};
 
@@ -36,8 +36,20 @@ fn route(path: &str) -> (ProviderKind, String, String) {
     (kind, up, q.to_owned())
 }
 
+/// How a run hands a stream's bytes to the recorder's side: in pieces of `size` bytes, the
+/// queue refusing each piece `refuse` says to (as a full one does).
+struct Pieces<'a> {
+    size: usize,
+    refuse: &'a mut dyn FnMut() -> bool,
+}
+
 /// Runs a case through an exchange with the response cut into `frames`.
 fn run(case: &Case, frames: &[&[u8]]) -> (TraceRecord, Vec<u8>) {
+    run_in_pieces(case, frames, Pieces { size: ExchangeLimits::default().stream_piece, refuse: &mut || false })
+}
+
+/// `run`, with the stream's pieces going to the recorder's side as `pieces` says.
+fn run_in_pieces(case: &Case, frames: &[&[u8]], pieces: Pieces<'_>) -> (TraceRecord, Vec<u8>) {
     let (kind, up_path, query) = route(&case.path);
     let body = serde_json::to_vec(&case.request).unwrap();
     let headers = HeaderMap::new();
@@ -50,7 +62,7 @@ fn run(case: &Case, frames: &[&[u8]]) -> (TraceRecord, Vec<u8>) {
         &view,
         Bytes::from(body.clone()),
         RequestOptions { inject_stream_usage: false },
-        ExchangeLimits::default(),
+        ExchangeLimits { stream_piece: pieces.size, ..ExchangeLimits::default() },
     );
     assert!(rewritten.is_none());
     let mut rh = HeaderMap::new();
@@ -59,11 +71,20 @@ fn run(case: &Case, frames: &[&[u8]]) -> (TraceRecord, Vec<u8>) {
     }
     ex.on_response_head(case.response.status, &rh);
     let mut out = Vec::new();
+    let mut streams = OpenStreams::default();
     for f in frames {
         out.extend_from_slice(&ex.on_response_frame(Bytes::copy_from_slice(f)));
+        if let Some(piece) = ex.take_piece() {
+            if (pieces.refuse)() {
+                ex.piece_refused(piece);
+            } else {
+                streams.feed(piece);
+            }
+        }
     }
     out.extend_from_slice(&ex.on_response_end());
-    let pending = ex.finish(ErrorKind::None, case.response.status).into_pending();
+    let pending = ex.finish(ErrorKind::None, case.response.status).into_pending(&mut streams);
+    assert!(streams.is_empty(), "the call's end took its stream's parser back");
     let prices = PriceTable::embedded();
     let capture = CaptureConfig::default().validate().unwrap();
     (complete_record(pending, &prices, &capture), out)
@@ -126,7 +147,12 @@ fn random_multi_splits_give_the_same_facts() {
                 at = c;
             }
             frames.push(&body[at..]);
-            let (mut rec, out) = run(&case, &frames);
+            // Pieces as small as one byte, as large as the stream, and a queue that refuses
+            // some of them: the facts are the same however the bytes reach the parser.
+            let size = [1, 16, 256, 1 << 20][rng.usize(0..4)];
+            let refuse_one_in = rng.usize(1..5);
+            let mut refuse = || rng.usize(0..refuse_one_in) == 1;
+            let (mut rec, out) = run_in_pieces(&case, &frames, Pieces { size, refuse: &mut refuse });
             assert_eq!(out, body, "{name}");
             rec.duration_ms = whole.duration_ms;
             rec.ttft_ms = whole.ttft_ms;

@@ -12,8 +12,10 @@
 //! - Exactly one record per call: at the end of the body, on an upstream error or idle
 //!   timeout, or in `Drop` when the client went away first. The call goes to the recorder
 //!   with `try_record`, which never waits; the recorder's thread builds the record.
+//! - A stream's bytes are parsed on the recorder's thread, not here: the exchange keeps a
+//!   copy and every few KiB the tap queues it to the recorder as a `StreamPiece`.
 //! - A client that leaves after the stream's final event has succeeded; before it, the call
-//!   is `client_disconnect`. Dropping this body drops the upstream body, which closes the
+//!   is `client_disconnect` (the recorder decides, once it has parsed the stream). Dropping this body drops the upstream body, which closes the
 //!   upstream stream at once: the upstream request is cancelled with the client's.
 
 use std::collections::VecDeque;
@@ -298,6 +300,11 @@ impl Body for TapBody {
                         Ok(data) => match this.exchange.as_mut() {
                             Some(ex) => {
                                 let out = ex.on_response_frame(data);
+                                if let Some(piece) = ex.take_piece() {
+                                    if let Err(piece) = this.recorder.try_piece(piece) {
+                                        ex.piece_refused(piece);
+                                    }
+                                }
                                 ex.add_overhead(started.elapsed());
                                 if out.is_empty() {
                                     continue;
@@ -343,9 +350,8 @@ impl Body for TapBody {
 
 impl Drop for TapBody {
     fn drop(&mut self) {
-        if let Some(ex) = &self.exchange {
-            let error = if ex.saw_final() { ErrorKind::None } else { ErrorKind::ClientDisconnect };
-            self.finish(error);
-        }
+        // A client that left after the stream's final event succeeded; the recorder, which
+        // parses the stream, tells the two apart.
+        self.finish(ErrorKind::ClientDisconnect);
     }
 }

@@ -98,6 +98,32 @@ async fn client_asking_for_usage_still_gets_it() {
     assert!(String::from_utf8_lossy(&r.body).contains(r#""choices":[],"usage":{"prompt_tokens":11"#));
 }
 
+/// A stream long enough to reach the recorder in several pieces (4 KiB each): its facts are
+/// the whole stream's, and its time to first token is when the first content arrived, not
+/// when the piece holding it was cut or parsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_streams_record_is_exact_and_its_first_token_time_is_the_first_contents() {
+    let env = start("").await;
+    let content: String = (0..60).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let req = json!({"model": "gpt-4o", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let headers = [("x-mock-content", content.as_str()), ("x-mock-chunks", "60"), ("x-mock-chunk-delay-ms", "25")];
+    let direct = post_json(&env.client, &format!("{}/v1/chat/completions", env.mock.url()), &headers, &req).await;
+    let r = post_json(&env.client, &env.llmtap.url("/v1/chat/completions"), &headers, &req).await;
+    assert_eq!(r.body, direct.body);
+    assert!(r.body.len() > 3 * 4096, "the stream spans several pieces: {} bytes", r.body.len());
+    let rec = record(&env.llmtap.data_dir, &r.trace_id()).await;
+    assert_eq!(rec["output_text"], content.as_str());
+    assert_eq!((rec["input_tokens"].as_u64(), rec["output_tokens"].as_u64()), (Some(11), Some(7)));
+    assert_eq!((rec["usage_source"].as_str(), rec["finish_reason"].as_str()), (Some("reported"), Some("stop")));
+    assert_eq!(rec["error_kind"], "");
+    // The role event comes with the head; the first content 25 ms later; the first 4 KiB
+    // piece is cut about 18 events (450 ms) in, and the stream ends after 1.5 s.
+    let (ttft, upstream, duration) =
+        (rec["ttft_ms"].as_f64().unwrap(), rec["upstream_ms"].as_f64().unwrap(), rec["duration_ms"].as_f64().unwrap());
+    assert!(duration >= 1475.0, "{rec}");
+    assert!(ttft - upstream >= 10.0 && ttft - upstream < 200.0, "ttft {ttft} ms, head at {upstream} ms");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_bodies_reach_the_client_compressed_and_are_still_parsed() {
     let env = start("").await;

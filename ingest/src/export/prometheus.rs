@@ -76,6 +76,7 @@ pub struct LlmMetrics {
     disk_bytes: IntGauge,
     written: Mirror,
     dropped: Mirror,
+    pieces_refused: Mirror,
     write_errors: Mirror,
     unknown_models: Mirror,
     ch_lag: prometheus::Gauge,
@@ -179,6 +180,11 @@ impl LlmMetrics {
                 &registry,
                 "llmtap_trace_log_records_dropped_total",
                 "Records dropped because the writer queue was full.",
+            )?,
+            pieces_refused: Mirror::new(
+                &registry,
+                "llmtap_trace_log_stream_pieces_refused_total",
+                "Stream pieces a worker parsed itself because the writer queue was full.",
             )?,
             write_errors: Mirror::new(
                 &registry,
@@ -294,6 +300,7 @@ impl LlmMetrics {
             self.queue_depth.set(r.queued.load(Ordering::Relaxed) as i64);
             self.written.set(r.written.load(Ordering::Relaxed));
             self.dropped.set(r.dropped_full.load(Ordering::Relaxed));
+            self.pieces_refused.set(r.pieces_refused.load(Ordering::Relaxed));
             self.write_errors.set(r.write_errors.load(Ordering::Relaxed));
         }
         if let Some(p) = &s.prices {
