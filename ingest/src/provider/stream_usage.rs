@@ -141,7 +141,7 @@ fn rewrite_event(event: &[u8], out: &mut BytesMut) {
     if is_usage_only_chunk(data) {
         return;
     }
-    match find_usage_null(data) {
+    match usage_null_at_end(data).or_else(|| find_usage_null(data)) {
         Some((a, b)) => {
             out.extend_from_slice(&event[..start + a]);
             out.extend_from_slice(&event[start + b..]);
@@ -182,6 +182,16 @@ fn has_empty_array(data: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// The span of `,"usage":null` when it is the object's last member, as OpenAI sends it,
+/// found without scanning the event. In JSON that parses, a `}` that ends the data closes
+/// the top-level object, and a member right before it, opened by an unescaped quote right
+/// after a comma, is one of the object's own: `find_usage_null` finds the same span, but
+/// only by walking the whole event.
+fn usage_null_at_end(data: &[u8]) -> Option<(usize, usize)> {
+    const TAIL: &[u8] = b",\"usage\":null}";
+    (data.first() == Some(&b'{') && data.ends_with(TAIL)).then(|| (data.len() - TAIL.len(), data.len() - 1))
 }
 
 /// Span of the top-level `"usage":null` member including one adjoining comma.
@@ -365,6 +375,68 @@ data: [DONE]\n\n";
             let lines: Vec<&[u8]> = lines_inclusive(&buf).collect();
             let want: Vec<&[u8]> = buf.split_inclusive(|&b| b == b'\n' || b == b'\r').collect();
             assert_eq!(lines, want);
+        }
+    }
+
+    /// A random JSON value whose strings and nested objects are full of `"usage":null}`.
+    fn random_json(rng: &mut fastrand::Rng, depth: usize) -> serde_json::Value {
+        use serde_json::{json, Value};
+        const TEXT: &[&str] = &["usage", "\"usage\":null}", ",\"usage\":null}", "}", "\\", "a", "\n"];
+        match rng.usize(0..if depth > 2 { 3 } else { 5 }) {
+            0 => Value::Null,
+            1 => json!(rng.i32(..)),
+            2 => Value::String((0..rng.usize(0..4)).map(|_| TEXT[rng.usize(0..TEXT.len())]).collect()),
+            3 => Value::Array((0..rng.usize(0..3)).map(|_| random_json(rng, depth + 1)).collect()),
+            _ => {
+                let mut m = serde_json::Map::new();
+                for i in 0..rng.usize(0..3) {
+                    m.insert(format!("k{i}"), random_json(rng, depth + 1));
+                }
+                if rng.bool() {
+                    m.insert("usage".into(), Value::Null);
+                }
+                Value::Object(m)
+            }
+        }
+    }
+
+    #[test]
+    fn the_tail_shortcut_finds_what_the_scan_finds_in_json_that_parses() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut shortcuts = 0;
+        for _ in 0..20_000 {
+            let mut data = b"{".to_vec();
+            for i in 0..rng.usize(0..4) {
+                data.extend_from_slice(format!("\"m{i}\":").as_bytes());
+                data.extend_from_slice(serde_json::to_string(&random_json(&mut rng, 0)).unwrap().as_bytes());
+                data.push(b',');
+            }
+            match rng.usize(0..3) {
+                0 => data.extend_from_slice(b"\"usage\":null}"),
+                1 => data.extend_from_slice(b"\"usage\":{\"n\":1}}"),
+                _ => {
+                    data.pop_if(|b| *b == b',');
+                    data.push(b'}');
+                }
+            }
+            assert!(serde_json::from_slice::<serde_json::Value>(&data).is_ok(), "{}", String::from_utf8_lossy(&data));
+            if let Some(span) = usage_null_at_end(&data) {
+                shortcuts += 1;
+                assert_eq!(Some(span), find_usage_null(&data), "{}", String::from_utf8_lossy(&data));
+            }
+        }
+        assert!(shortcuts > 5_000, "the shortcut was taken {shortcuts} times");
+    }
+
+    #[test]
+    fn the_tail_shortcut_leaves_what_is_not_the_last_member_alone() {
+        for data in [
+            &br#"{"a":{"b":1,"usage":null}}"#[..],
+            br#"{"a":"x,\"usage\":null}"}"#,
+            br#"{"usage":null}"#,
+            br#"[1,"usage":null}"#,
+        ] {
+            assert_eq!(usage_null_at_end(data), None, "{}", String::from_utf8_lossy(data));
         }
     }
 
