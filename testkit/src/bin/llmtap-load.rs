@@ -52,6 +52,10 @@ struct Args {
     /// Seconds a request may take before it counts as an error.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+    /// Also write every completed request as a line `<scheduled µs after start> <ttfb µs>
+    /// <total µs>` to this file, to see when the slow ones happened.
+    #[arg(long)]
+    samples: Option<std::path::PathBuf>,
 }
 
 struct Stats {
@@ -59,6 +63,9 @@ struct Stats {
     total: Mutex<Histogram<u64>>,
     ok: AtomicU64,
     errors: AtomicU64,
+    start: Instant,
+    /// (scheduled, ttfb, total) in µs, when `--samples` asked for them.
+    samples: Option<Mutex<Vec<(u64, u64, u64)>>>,
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -98,6 +105,10 @@ async fn one(client: &HttpClient, args: &Args, scheduled: Instant, stats: &Stats
             if let Ok(mut h) = stats.total.lock() {
                 let _ = h.record(total.as_micros() as u64);
             }
+            if let Some(Ok(mut v)) = stats.samples.as_ref().map(Mutex::lock) {
+                let at = scheduled.saturating_duration_since(stats.start).as_micros() as u64;
+                v.push((at, ttfb.as_micros() as u64, total.as_micros() as u64));
+            }
         }
         _ => {
             stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -122,13 +133,15 @@ fn main() -> anyhow::Result<()> {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(TokioTimer::new())
             .build_http();
+        let start = Instant::now();
         let stats = Arc::new(Stats {
             ttfb: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
             total: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
             ok: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            start,
+            samples: args.samples.as_ref().map(|_| Mutex::new(Vec::new())),
         });
-        let start = Instant::now();
         let run_for = Duration::from_secs_f64(args.duration);
         let mut tasks = Vec::new();
         match args.mode {
@@ -181,6 +194,11 @@ fn main() -> anyhow::Result<()> {
             "ttfb_ms": summary(&*stats.ttfb.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
             "total_ms": summary(&*stats.total.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
         });
+        if let (Some(path), Some(Ok(mut v))) = (&args.samples, stats.samples.as_ref().map(Mutex::lock)) {
+            v.sort_unstable();
+            let lines: String = v.iter().map(|(at, ttfb, total)| format!("{at} {ttfb} {total}\n")).collect();
+            std::fs::write(path, lines)?;
+        }
         println!("{out}");
         Ok(())
     })
