@@ -40,7 +40,8 @@ pub struct RecorderStats {
     pub dropped_full: AtomicU64,
     pub write_errors: AtomicU64,
     pub queued: AtomicU64,
-    /// Stream pieces a worker parsed itself because the queue had no room for them.
+    /// Stream pieces the queue had no room for: the worker parsed them itself, or held them
+    /// for the next piece once the recorder had the stream's parser.
     pub pieces_refused: AtomicU64,
     last_drop_log: AtomicU64,
 }

@@ -184,7 +184,7 @@ impl LlmMetrics {
             pieces_refused: Mirror::new(
                 &registry,
                 "llmtap_trace_log_stream_pieces_refused_total",
-                "Stream pieces a worker parsed itself because the writer queue was full.",
+                "Stream pieces the writer queue had no room for (parsed or held by the worker).",
             )?,
             write_errors: Mirror::new(
                 &registry,
