@@ -452,7 +452,7 @@ impl Exchange {
 
     /// Ends the call with `error` (`ErrorKind::None` when the body completed) and the status
     /// the client got. A client that left (`ClientDisconnect`) after the stream's final event
-    /// is a success: the record says so once the stream is parsed. The call's its duration stops now. This only moves the exchange into the returned
+    /// is a success: the record says so once the stream is parsed. The call's duration stops now. This only moves the exchange into the returned
     /// value: the record is built by `EndedCall::into_pending`, on the recorder's thread.
     pub fn finish(self, error: ErrorKind, client_status: u16) -> EndedCall {
         EndedCall(Box::new(Ended::Call { exchange: self, error, client_status, ended: Instant::now() }))

@@ -7,12 +7,21 @@
 //!
 //! Shutdown: `RecorderHandle::shutdown` closes the door, drains every queued record to disk,
 //! fsyncs and joins the thread.
+//!
+//! Waking the recorder: a sender that finds it parked wakes it (a futex call). A proxy
+//! worker shares its core with the recorder, and a woken recorder can take that core at
+//! once: woken by the sender, it would run before the worker writes the response it just
+//! finished. So worker threads defer the wake (`RecordSender::deferring_wakes`) to the
+//! moment they go idle (`wake_deferred`, called from the runtime's `on_thread_park`), when
+//! their writes are out. The recorder then runs in the worker's idle time instead of
+//! ahead of its clients.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::background::Yielder;
@@ -59,15 +68,67 @@ enum Message {
 pub struct RecordSender {
     tx: SyncSender<Message>,
     stats: Arc<RecorderStats>,
+    /// The recorder's thread, to wake after queueing.
+    recorder: Thread,
+    /// Leave the wake to `wake_deferred` (see the module notes).
+    defer: bool,
+}
+
+/// Sends whose wake a deferring thread may hold back before it wakes the recorder anyway:
+/// a thread that never goes idle still gets its calls recorded.
+const DEFER_MAX: u32 = 64;
+
+thread_local! {
+    /// The recorder this thread queued to without waking it, and how many times.
+    static UNWOKEN: RefCell<Option<(Thread, u32)>> = const { RefCell::new(None) };
+}
+
+/// Wakes the recorder if this thread queued to it without waking it
+/// (`RecordSender::deferring_wakes`). A worker runtime calls this just before it parks.
+pub fn wake_deferred() {
+    if let Some((recorder, _)) = UNWOKEN.take() {
+        recorder.unpark();
+    }
 }
 
 impl RecordSender {
+    /// This sender, leaving the recorder's wake to `wake_deferred`, which the sending thread
+    /// must call before it goes idle (the recorder otherwise finds the calls within
+    /// `IDLE`), or after `DEFER_MAX` sends, whichever comes first.
+    pub fn deferring_wakes(mut self) -> Self {
+        self.defer = true;
+        self
+    }
+
+    /// The recorder has something new: wake it, now or when this thread goes idle.
+    fn wake(&self) {
+        if !self.defer {
+            self.recorder.unpark();
+            return;
+        }
+        UNWOKEN.with_borrow_mut(|unwoken| match unwoken {
+            Some((recorder, n)) if recorder.id() == self.recorder.id() => {
+                *n += 1;
+                if *n >= DEFER_MAX {
+                    recorder.unpark();
+                    *unwoken = None;
+                }
+            }
+            _ => {
+                if let Some((other, _)) = unwoken.replace((self.recorder.clone(), 1)) {
+                    other.unpark();
+                }
+            }
+        });
+    }
+
     /// Queues a finished call without waiting. When the queue is full (or the recorder is
     /// gone) the record is dropped, counted, and a warning is logged at most every 10 s.
     pub fn try_record(&self, p: EndedCall) -> bool {
         match self.tx.try_send(Message::Ended(p)) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                self.wake();
                 true
             }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -96,7 +157,10 @@ impl RecordSender {
     /// (`Exchange::piece_refused`).
     pub fn try_piece(&self, piece: StreamPiece) -> Result<(), StreamPiece> {
         let refused = match self.tx.try_send(Message::Piece(piece)) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                self.wake();
+                return Ok(());
+            }
             Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => m,
         };
         self.stats.pieces_refused.fetch_add(1, Ordering::Relaxed);
@@ -125,6 +189,7 @@ impl RecorderHandle {
     pub fn shutdown(mut self) {
         self.closing.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             if t.join().is_err() {
                 tracing::error!("recorder thread panicked");
             }
@@ -150,6 +215,10 @@ pub struct RecorderConfig {
 /// How long the recorder lets records gather after each batch (see the loop).
 /// Records reach the log at most this much later; the request path never waits for them.
 const COALESCE: Duration = Duration::from_millis(10);
+
+/// How long the recorder waits, with nothing queued, before it flushes the log, rotates an
+/// old segment and forgets abandoned streams.
+const IDLE: Duration = Duration::from_millis(100);
 
 /// The most calls the recorder takes from its queue at once.
 const BATCH: usize = 1024;
@@ -183,22 +252,29 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
         std::thread::Builder::new().name("llmtap-recorder".into()).spawn(move || {
             let mut batch = Vec::with_capacity(256);
             loop {
-                match rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(m) => batch.push(m),
-                    Err(RecvTimeoutError::Timeout) => {
-                        if closing.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        out.idle();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
+                let mut gone = false;
                 while batch.len() < BATCH {
                     match rx.try_recv() {
                         Ok(m) => batch.push(m),
-                        Err(_) => break,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            gone = true;
+                            break;
+                        }
                     }
+                }
+                if batch.is_empty() {
+                    if gone || closing.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    // Nothing queued: wait for a sender's wake (which may come before this
+                    // park; the park then returns at once), or do the idle chores.
+                    let parked = Instant::now();
+                    std::thread::park_timeout(IDLE);
+                    if parked.elapsed() >= IDLE {
+                        out.idle();
+                    }
+                    continue;
                 }
                 // A full batch means more are waiting: the recorder is behind, so it keeps
                 // the core (no yields) and goes straight on to the next batch.
@@ -206,8 +282,8 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
                 out.write(&mut batch, if behind { Yielder::off() } else { Yielder::new() });
                 if !behind {
                     // Let the next records gather instead of being woken for each one: a
-                    // sender only wakes a receiver parked in `recv`, and each wake is a futex
-                    // call and a context switch on both sides. At most one wake per COALESCE.
+                    // sender only wakes a parked recorder, and each wake is a futex call and
+                    // a context switch on both sides. At most one wake per COALESCE.
                     std::thread::sleep(COALESCE);
                 }
             }
@@ -222,7 +298,11 @@ pub fn spawn_recorder(data_dir: &Path, cfg: RecorderConfig) -> std::io::Result<(
             out.close();
         })?
     };
-    Ok((RecordSender { tx, stats: stats.clone() }, RecorderHandle { closing, thread: Some(thread), stats }))
+    let recorder = thread.thread().clone();
+    Ok((
+        RecordSender { tx, stats: stats.clone(), recorder, defer: false },
+        RecorderHandle { closing, thread: Some(thread), stats },
+    ))
 }
 
 fn log_write_error(last: &mut Option<Instant>, e: &std::io::Error) {
@@ -381,7 +461,12 @@ mod tests {
     #[test]
     fn drops_record_when_queue_full_without_waiting() {
         let (tx, rx) = mpsc::sync_channel(2);
-        let sender = RecordSender { tx, stats: Arc::new(RecorderStats::default()) };
+        let sender = RecordSender {
+            tx,
+            stats: Arc::new(RecorderStats::default()),
+            recorder: std::thread::current(),
+            defer: false,
+        };
         assert!(sender.try_record(pending("a")));
         assert!(sender.try_record(pending("b")));
         assert!(!sender.try_record(pending("c")));
@@ -395,6 +480,95 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, vec!["a", "b"]);
+    }
+
+    /// A stand-in recorder thread that counts its wakes.
+    fn counting_thread() -> (Thread, Arc<AtomicU64>, Arc<AtomicBool>, JoinHandle<()>) {
+        let wakes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (wakes, stop) = (wakes.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::park();
+                    wakes.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        (t.thread().clone(), wakes, stop, t)
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < until, "gave up waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn unwoken() -> Option<u32> {
+        UNWOKEN.with_borrow(|u| u.as_ref().map(|(_, n)| *n))
+    }
+
+    #[test]
+    fn a_deferring_sender_wakes_the_recorder_when_its_thread_goes_idle_or_after_defer_max() {
+        // Runs on a thread of its own: the deferred wakes are the thread's.
+        std::thread::spawn(|| {
+            let (recorder, wakes, stop, handle) = counting_thread();
+            let (tx, rx) = mpsc::sync_channel(1000);
+            let stats = Arc::new(RecorderStats::default());
+            let sender = RecordSender { tx, stats, recorder: recorder.clone(), defer: false }.deferring_wakes();
+
+            for i in 0..3 {
+                assert!(sender.try_record(pending(&format!("a{i}"))));
+            }
+            assert_eq!(unwoken(), Some(3), "three sends, no wake yet");
+            wake_deferred();
+            assert_eq!(unwoken(), None);
+            wait_for("the wake at idle", || wakes.load(Ordering::SeqCst) == 1);
+            wake_deferred(); // nothing left to wake
+
+            for i in 0..DEFER_MAX - 1 {
+                assert!(sender.try_record(pending(&format!("b{i}"))));
+            }
+            assert_eq!(unwoken(), Some(DEFER_MAX - 1));
+            assert!(sender.try_record(pending("last")));
+            assert_eq!(unwoken(), None, "the {DEFER_MAX}th send wakes the recorder itself");
+            wait_for("the wake after DEFER_MAX sends", || wakes.load(Ordering::SeqCst) == 2);
+            assert_eq!(rx.try_iter().count(), 3 + DEFER_MAX as usize);
+
+            // A sender that does not defer wakes on every send and leaves nothing behind.
+            let eager = RecordSender { defer: false, ..sender };
+            assert!(eager.try_record(pending("eager")));
+            assert_eq!(unwoken(), None);
+            wait_for("the eager wake", || wakes.load(Ordering::SeqCst) == 3);
+
+            stop.store(true, Ordering::SeqCst);
+            recorder.unpark();
+            handle.join().unwrap();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_call_queued_while_the_recorder_is_parked_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RecorderConfig {
+            log: LogConfig::default(),
+            prices: Arc::new(PriceTable::embedded()),
+            capture: crate::capture::CaptureConfig::default().validate().unwrap(),
+            observers: Vec::new(),
+            cap_enforced_by_shipper: false,
+        };
+        let (tx, handle) = spawn_recorder(dir.path(), cfg).unwrap();
+        let tx = tx.deferring_wakes();
+        assert!(tx.try_record(pending("deferred")));
+        wake_deferred();
+        let stats = handle.stats().clone();
+        wait_for("the record on disk", || stats.written.load(Ordering::SeqCst) == 1);
+        drop(tx);
+        handle.shutdown();
     }
 
     #[test]

@@ -143,7 +143,8 @@ pub async fn serve(cfg: ValidatedConfig, shutdown: impl Future<Output = ()>) -> 
                 routes: cfg.routes.clone(),
                 // A pool per worker: upstream connections stay on the worker's thread.
                 client: Upstream::new(&cfg.raw.client, cfg.connect_timeout)?,
-                recorder: recorder_tx.clone(),
+                // Wakes the recorder when the worker goes idle (see `workers`).
+                recorder: recorder_tx.clone().deferring_wakes(),
                 first_byte_timeout: cfg.first_byte_timeout,
                 idle_timeout: cfg.idle_timeout,
                 max_request_body: cfg.raw.client.max_request_body_bytes,

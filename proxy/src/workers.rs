@@ -15,6 +15,8 @@
 //!   eventfd write, so each call's first-byte and idle timers cost a syscall or two when no
 //!   earlier timer exists. Each worker keeps one: a sleep that is re-armed every `anchor`,
 //!   shorter than the call timeouts.
+//! - The recorder shares the core: a worker's calls wake it when the worker parks, not as
+//!   they end, so it never runs ahead of a response the worker has yet to write.
 //! - Each worker's pool holds up to `client.pool_max_idle_per_host` idle connections per
 //!   upstream, so the process may keep that many times the worker count. The pool's
 //!   HTTP/1.1 connections run in the calls' own tasks (`pool`), not in tasks of their own.
@@ -53,7 +55,12 @@ impl Workers {
         let mut senders = Vec::with_capacity(proxies.len());
         let mut threads = Vec::with_capacity(proxies.len());
         for (i, proxy) in proxies.into_iter().enumerate() {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Calls queued to the recorder wake it when the worker goes idle, after the
+            // responses are written (`llmtap_ingest::recorder` explains why).
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(llmtap_ingest::recorder::wake_deferred)
+                .build()?;
             let (tx, rx) = mpsc::unbounded_channel();
             let open = open.clone();
             let thread = std::thread::Builder::new()
