@@ -551,17 +551,21 @@ mod tests {
         .unwrap();
     }
 
-    #[test]
-    fn a_call_queued_while_the_recorder_is_parked_is_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = RecorderConfig {
+    /// The default log and capture policy, embedded prices, no observers.
+    fn plain_config() -> RecorderConfig {
+        RecorderConfig {
             log: LogConfig::default(),
             prices: Arc::new(PriceTable::embedded()),
             capture: crate::capture::CaptureConfig::default().validate().unwrap(),
             observers: Vec::new(),
             cap_enforced_by_shipper: false,
-        };
-        let (tx, handle) = spawn_recorder(dir.path(), cfg).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_call_queued_while_the_recorder_is_parked_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, handle) = spawn_recorder(dir.path(), plain_config()).unwrap();
         let tx = tx.deferring_wakes();
         assert!(tx.try_record(pending("deferred")));
         wake_deferred();
@@ -574,14 +578,7 @@ mod tests {
     #[test]
     fn shutdown_writes_every_queued_record() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = RecorderConfig {
-            log: LogConfig::default(),
-            prices: Arc::new(PriceTable::embedded()),
-            capture: crate::capture::CaptureConfig::default().validate().unwrap(),
-            observers: Vec::new(),
-            cap_enforced_by_shipper: false,
-        };
-        let (tx, handle) = spawn_recorder(dir.path(), cfg).unwrap();
+        let (tx, handle) = spawn_recorder(dir.path(), plain_config()).unwrap();
         for i in 0..2000 {
             assert!(tx.try_record(pending(&format!("t{i}"))));
         }
