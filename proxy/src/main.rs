@@ -7,6 +7,7 @@ mod config;
 mod drift;
 mod feedback;
 mod forward;
+mod h1;
 mod judging;
 mod pool;
 mod route;
