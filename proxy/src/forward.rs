@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use llmtap_ingest::recorder::RecordSender;
 use llmtap_ingest::{CallMeta, ErrorKind, Exchange, ExchangeLimits, RequestOptions, RequestView, Timestamp};
@@ -275,7 +275,7 @@ impl Proxy {
             }
             None => body_bytes,
         };
-        let mut upstream_req = Request::new(Full::new(forward_body));
+        let mut upstream_req = Request::new(forward_body);
         *upstream_req.method_mut() = parts.method.clone();
         *upstream_req.uri_mut() = m.uri;
         *upstream_req.version_mut() = Version::HTTP_11;
@@ -328,11 +328,10 @@ impl Proxy {
             }
         };
 
-        let (resp, mut conn) = resp;
         let (mut rparts, mut rbody) = resp.into_parts();
         // What came with the head goes out with it: for JSON usually the whole body, for a
         // stream its first events.
-        let early = crate::tap::ready_frames(&mut rbody, conn.as_mut()).await;
+        let early = crate::tap::ready_frames(&mut rbody).await;
         let rewrites = exchange.on_response_head(rparts.status.as_u16(), &rparts.headers);
         strip_hop_by_hop(&mut rparts.headers);
         if rewrites {
@@ -344,8 +343,7 @@ impl Proxy {
         rparts.version = Version::HTTP_11;
         exchange.add_overhead(t_head.elapsed());
         let status = rparts.status.as_u16();
-        let body =
-            TapBody::new(rbody, conn, early, exchange, self.recorder.clone(), self.idle_timeout, rewrites, status);
+        let body = TapBody::new(rbody, early, exchange, self.recorder.clone(), self.idle_timeout, rewrites, status);
         Ok(Response::from_parts(rparts, ProxyBody::Tap(Box::new(body))))
     }
 }

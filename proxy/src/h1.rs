@@ -149,6 +149,8 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct Decoder {
     state: State,
+    /// The framing gave the length (`Content-Length`, or no body at all).
+    sized: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,14 +175,14 @@ impl Decoder {
     pub fn new(method: &Method, head: &Head) -> Result<Decoder, H1Error> {
         let s = head.status.as_u16();
         if *method == Method::HEAD || (100..200).contains(&s) || s == 204 || s == 304 {
-            return Ok(Decoder { state: State::Done });
+            return Ok(Decoder { state: State::Done, sized: true });
         }
         let mut codings = head.headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
         if codings.peek().is_some() {
             let last = codings.last().and_then(|v| v.to_str().ok()).and_then(|s| s.rsplit(',').next());
             let chunked = last.is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
             let state = if chunked && head.version == Version::HTTP_11 { State::ChunkSize } else { State::Close };
-            return Ok(Decoder { state });
+            return Ok(Decoder { state, sized: false });
         }
         let mut length: Option<u64> = None;
         for v in head.headers.get_all(header::CONTENT_LENGTH) {
@@ -202,12 +204,22 @@ impl Decoder {
             Some(n) => State::Length(n),
             None => State::Close,
         };
-        Ok(Decoder { state })
+        Ok(Decoder { state, sized: length.is_some() })
     }
 
     /// Whether the body ends without the connection closing (it may then be reused).
     pub fn reusable(&self) -> bool {
         self.state != State::Close
+    }
+
+    /// The body bytes still to come, when the framing gave the length (a chunked body that
+    /// ended has none either, but never had a length to report).
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) if self.sized => Some(n),
+            State::Done if self.sized => Some(0),
+            _ => None,
+        }
     }
 
     /// Whether the body has ended.

@@ -1,45 +1,55 @@
-//! HTTP/1.1 upstream connections that run inside the call's own task.
+//! HTTP/1.1 upstream connections that run inside the call's own task, read and written with
+//! llmtap's own codec (`h1`).
 //!
 //! hyper's pooled client gives every upstream connection a task of its own: the request
 //! goes to it through a channel, the response head and every body frame come back through
-//! another, and each crossing is a pass through the runtime's run queue. Under load a pass
-//! waits behind whatever else is queued, so a call paid for it four times before its first
-//! byte reached the client. Here the call's task polls the connection itself (hyper's
-//! `client::conn::http1`): a read from the upstream and the write to the client happen in
-//! one poll, as in nginx's event loop.
+//! another, and each crossing is a pass through the runtime's run queue. hyper's
+//! `client::conn::http1` run in the call's task removed the passes but kept the channel:
+//! its dispatcher still handed each body frame to the call through it, with
+//! want-signalling, about 6,500 instructions per stream frame. Here the call reads the
+//! socket itself and decodes each frame out of the read buffer (`h1::Decoder`): a read from
+//! the upstream and the write to the client happen in one poll, as in nginx's event loop.
 //!
 //! Design notes
 //! - One pool per worker thread (a connection belongs to the runtime that registered its
 //!   socket), so the lock is never contended.
 //! - Idle connections are reused newest first and polled before reuse: one the upstream
-//!   closed meanwhile is dropped, not handed a request. A request that was never written
-//!   (the connection failed first) is retried once on a new connection; one that was
-//!   written is not, as with hyper's client.
-//! - A connection goes back to the pool only when its response body ended cleanly; a call
-//!   cut short (client gone, timeout, upstream error) closes it.
+//!   closed meanwhile (or that sent bytes no request asked for) is dropped, not handed a
+//!   request. A request whose first write fails on a reused connection is sent once more on
+//!   a new one; one that was written is not, as with hyper's client.
+//! - A connection goes back to the pool only when its response body ended cleanly, both
+//!   sides allow keep-alive and no bytes are left over; a call cut short (client gone,
+//!   timeout, upstream error) closes it.
 //! - `sweep` (called from each worker's timer) closes connections idle past
 //!   `client.pool_idle_timeout_secs` or closed by the upstream.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
+use http::{Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_service::Service;
 
-type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+use crate::h1::{self, Decoded, Decoder, H1Error};
+
+type Io = TokioIo<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Largest response head accepted (hyper's default limit for a client is about 400 KiB;
+/// LLM APIs send a few KiB).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Room made in the read buffer before each read.
+const READ_SIZE: usize = 8 * 1024;
 
 /// Why a request did not get a response head.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +57,15 @@ pub enum SendError {
     /// No connection could be made (TCP connect, TLS handshake).
     #[error("client error (Connect)")]
     Connect(#[source] BoxError),
-    /// The connection failed or closed before the response head.
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
+    /// The connection failed before the response head.
+    #[error("connection error")]
+    Io(#[source] std::io::Error),
+    /// The upstream closed the connection before the response head.
+    #[error("connection closed before the response head")]
+    Closed,
+    /// The response head was not valid HTTP/1.1.
+    #[error("invalid response")]
+    Protocol(#[source] H1Error),
     /// From hyper's pooled client (TLS upstreams that may speak HTTP/2).
     #[error(transparent)]
     Client(hyper_util::client::legacy::Error),
@@ -59,10 +75,19 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) => false,
+            SendError::Io(_) | SendError::Closed | SendError::Protocol(_) => false,
             SendError::Client(e) => e.is_connect(),
         }
     }
+}
+
+/// Why a response body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("connection error reading the response body")]
+    Io(#[source] std::io::Error),
+    #[error("invalid response body")]
+    Protocol(#[source] H1Error),
 }
 
 /// Where a connection goes: scheme and authority.
@@ -72,47 +97,81 @@ struct Key {
     authority: Authority,
 }
 
-/// An upstream connection: the request side and the connection future that does the I/O.
-/// Whoever holds it must poll it (`drive`) while waiting for the upstream.
+/// An upstream connection. While it carries a response body, whoever holds it reads the
+/// body with `poll_frame`.
 pub struct Conn {
-    sender: http1::SendRequest<Full<Bytes>>,
-    conn: http1::Connection<Io, Full<Bytes>>,
-    /// The connection future finished (closed or failed): it is not polled again.
-    closed: bool,
+    io: Io,
+    /// Read from the socket, not yet decoded.
+    buf: BytesMut,
+    /// The framing of the response being read.
+    decoder: Option<Decoder>,
+    /// The connection may carry another request once this response ends.
+    keep_alive: bool,
+    /// The upstream closed its side.
+    eof: bool,
     key: Key,
     pool: Arc<Pool>,
 }
 
 impl Conn {
-    /// Lets the connection read, decode and write what it can. Returns false once the
-    /// connection has closed.
-    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.closed && Pin::new(&mut self.conn).poll(cx).is_ready() {
-            self.closed = true;
-        }
-        !self.closed
+    /// Reads what the socket has into the buffer: the count, 0 at the upstream's close.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.buf.reserve(READ_SIZE);
+        let read = self.io.read_buf(&mut self.buf);
+        std::pin::pin!(read).as_mut().poll(cx)
     }
 
-    /// Whether a request can be sent now, after letting the connection settle: after a
-    /// response ends, hyper's dispatcher takes a second pass to return to idle.
-    fn ready(&mut self, cx: &mut Context<'_>) -> bool {
-        for _ in 0..3 {
-            if !self.drive(cx) {
-                return false;
-            }
-            match self.sender.poll_ready(cx) {
-                Poll::Ready(r) => return r.is_ok(),
-                Poll::Pending => {}
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// The next piece of the response body: data, then trailers if the upstream sent any,
+    /// then `None` at its end.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            let Some(decoder) = self.decoder.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match decoder.decode(&mut self.buf) {
+                Ok(Some(Decoded::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(Decoded::End(trailers))) => return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
+                Ok(None) if self.eof => {
+                    return match decoder.eof() {
+                        Ok(_) => Poll::Ready(None),
+                        Err(e) => Poll::Ready(Some(Err(BodyError::Protocol(e)))),
+                    }
+                }
+                Ok(None) => match self.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) => self.eof = true,
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(BodyError::Io(e)))),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Err(e) => return Poll::Ready(Some(Err(BodyError::Protocol(e)))),
             }
         }
-        false
+    }
+
+    /// What is known of the body's remaining length.
+    pub fn size_hint(&self) -> SizeHint {
+        match self.decoder.as_ref().and_then(Decoder::remaining) {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+
+    /// Whether an idle connection can take a request: still open, and nothing unasked
+    /// waiting on it.
+    fn is_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        !self.eof && self.buf.is_empty() && self.poll_fill(&mut cx).is_pending()
     }
 
     /// The response body ended cleanly: back to the pool if the connection can take
     /// another request.
-    pub fn release(mut self) {
-        let mut cx = Context::from_waker(Waker::noop());
-        if self.ready(&mut cx) {
+    pub fn release(mut self: Box<Self>) {
+        let ended = self.decoder.take().is_some_and(|d| d.is_done());
+        if ended && self.keep_alive && !self.eof && self.buf.is_empty() {
             let pool = self.pool.clone();
             pool.put(self);
         }
@@ -120,7 +179,7 @@ impl Conn {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -142,63 +201,67 @@ impl Pool {
     }
 
     /// Sends `req` (absolute URI, no `Host`) and waits for the response head. The returned
-    /// connection carries the response body: the caller drives it until the body ends,
-    /// then releases it.
-    pub async fn send(
-        self: &Arc<Self>,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<(Response<Incoming>, Conn), SendError> {
-        let key = to_origin_form(&mut req)?;
-        let mut fresh = false;
-        loop {
-            let mut conn = match self.checkout(&key) {
-                Some(c) => c,
-                None => {
-                    fresh = true;
-                    self.connect(&key).await?
-                }
+    /// connection carries the response body: the caller reads it (`Conn::poll_frame`)
+    /// until it ends, then releases the connection.
+    pub async fn send(self: &Arc<Self>, req: Request<Bytes>) -> Result<(Response<()>, Box<Conn>), SendError> {
+        let (mut parts, body) = req.into_parts();
+        let key = to_origin_form(&mut parts)?;
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let mut wire = BytesMut::new();
+        h1::encode_request(&parts.method, target, &parts.headers, &body, &mut wire);
+        let mut conn = loop {
+            let (mut conn, fresh) = match self.checkout(&key) {
+                Some(c) => (c, false),
+                None => (self.connect(&key).await?, true),
             };
-            if fresh {
-                std::future::poll_fn(|cx| {
-                    if !conn.drive(cx) {
-                        return Poll::Ready(Ok(()));
+            // The first write tells whether a reused connection still works; only a request
+            // of which nothing was written is sent again.
+            let first = match conn.io.write(&wire).await {
+                Ok(n) => n,
+                Err(_) if !fresh => continue,
+                Err(e) => return Err(SendError::Io(e)),
+            };
+            conn.io.write_all(&wire[first..]).await.map_err(SendError::Io)?;
+            conn.io.flush().await.map_err(SendError::Io)?;
+            break conn;
+        };
+        let head = loop {
+            match h1::parse_head(&mut conn.buf, MAX_HEAD).map_err(SendError::Protocol)? {
+                // Interim responses (100 Continue, 103 Early Hints) come before the real one.
+                Some(h) if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS => continue,
+                Some(h) => break h,
+                None => {
+                    if conn.fill().await.map_err(SendError::Io)? == 0 {
+                        return Err(SendError::Closed);
                     }
-                    conn.sender.poll_ready(cx)
-                })
-                .await?;
-            } else if !std::future::poll_fn(|cx| Poll::Ready(conn.ready(cx))).await {
-                continue;
+                }
             }
-            let mut response = std::pin::pin!(conn.sender.try_send_request(req));
-            let result = std::future::poll_fn(|cx| {
-                conn.drive(cx);
-                response.as_mut().poll(cx)
-            })
-            .await;
-            match result {
-                Ok(resp) => return Ok((resp, conn)),
-                Err(mut e) => match e.take_message() {
-                    // Never written: the connection was gone before it. Once more on a new one.
-                    Some(r) if !fresh => req = r,
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
-            }
-        }
+        };
+        let decoder = Decoder::new(&parts.method, &head).map_err(SendError::Protocol)?;
+        conn.keep_alive = head.keep_alive() && decoder.reusable() && head.status != StatusCode::SWITCHING_PROTOCOLS;
+        conn.decoder = Some(decoder);
+        let mut resp = Response::new(());
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        Ok((resp, conn))
     }
 
     /// The newest idle connection to `key` that the upstream has not closed.
-    fn checkout(&self, key: &Key) -> Option<Conn> {
+    fn checkout(&self, key: &Key) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = &mut idle.iter_mut().find(|(k, _)| k == key)?.1;
-        while let Some(i) = list.pop() {
-            if i.since.elapsed() < self.idle_timeout {
+        while let Some(mut i) = list.pop() {
+            if i.since.elapsed() < self.idle_timeout && i.conn.is_open() {
                 return Some(i.conn);
             }
         }
         None
     }
 
-    async fn connect(self: &Arc<Self>, key: &Key) -> Result<Conn, SendError> {
+    /// Boxed: a TLS connection's state is over a kilobyte, and a connection moves between
+    /// the pool and its calls.
+    async fn connect(self: &Arc<Self>, key: &Key) -> Result<Box<Conn>, SendError> {
         let scheme = if key.https { Scheme::HTTPS } else { Scheme::HTTP };
         let uri = Uri::builder()
             .scheme(scheme)
@@ -209,11 +272,18 @@ impl Pool {
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx)).await.map_err(SendError::Connect)?;
         let io = connector.call(uri).await.map_err(SendError::Connect)?;
-        let (sender, conn) = http1::handshake(io).await?;
-        Ok(Conn { sender, conn, closed: false, key: key.clone(), pool: self.clone() })
+        Ok(Box::new(Conn {
+            io: TokioIo::new(io),
+            buf: BytesMut::with_capacity(READ_SIZE),
+            decoder: None,
+            keep_alive: false,
+            eof: false,
+            key: key.clone(),
+            pool: self.clone(),
+        }))
     }
 
-    fn put(&self, conn: Conn) {
+    fn put(&self, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let i = match idle.iter().position(|(k, _)| *k == conn.key) {
             Some(i) => i,
@@ -230,10 +300,9 @@ impl Pool {
 
     /// Closes connections idle too long or closed by the upstream.
     pub fn sweep(&self) {
-        let mut cx = Context::from_waker(Waker::noop());
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         for (_, list) in idle.iter_mut() {
-            list.retain_mut(|i| i.since.elapsed() < self.idle_timeout && i.conn.drive(&mut cx));
+            list.retain_mut(|i| i.since.elapsed() < self.idle_timeout && i.conn.is_open());
         }
         idle.retain(|(_, list)| !list.is_empty());
     }
@@ -248,8 +317,8 @@ impl Pool {
 /// Turns an absolute-form request into what goes on an HTTP/1.1 connection: origin-form
 /// target and a `Host` header (with the port when it is not the scheme's default), as
 /// hyper's pooled client does. Returns the connection key.
-fn to_origin_form(req: &mut Request<Full<Bytes>>) -> Result<Key, SendError> {
-    let uri = req.uri();
+fn to_origin_form(req: &mut http::request::Parts) -> Result<Key, SendError> {
+    let uri = &req.uri;
     let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
         return Err(SendError::Connect(format!("upstream URI {uri} is not absolute").into()));
     };
@@ -262,8 +331,8 @@ fn to_origin_form(req: &mut Request<Full<Bytes>>) -> Result<Key, SendError> {
     }
     .map_err(|e| SendError::Connect(e.into()))?;
     let path = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
-    req.headers_mut().entry(header::HOST).or_insert(host);
+    req.uri = Uri::from(path);
+    req.headers.entry(header::HOST).or_insert(host);
     Ok(key)
 }
 
@@ -289,8 +358,8 @@ mod tests {
         Pool::new(connector, 4, Duration::from_secs(60))
     }
 
-    fn request(uri: &str) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(Bytes::from_static(b"{}")));
+    fn request(uri: &str) -> Request<Bytes> {
+        let mut req = Request::new(Bytes::from_static(b"{}"));
         *req.method_mut() = http::Method::POST;
         *req.uri_mut() = uri.parse().unwrap_or_default();
         req
@@ -326,15 +395,10 @@ mod tests {
         }
     }
 
-    async fn body_text(resp: Response<Incoming>, mut conn: Conn) -> (String, Conn) {
-        let mut body = resp.into_body();
+    async fn body_text(mut conn: Box<Conn>) -> (String, Box<Conn>) {
         let mut out = Vec::new();
         loop {
-            let frame = std::future::poll_fn(|cx| {
-                conn.drive(cx);
-                Pin::new(&mut body).poll_frame(cx)
-            })
-            .await;
+            let frame = std::future::poll_fn(|cx| conn.poll_frame(cx)).await;
             match frame {
                 Some(Ok(f)) => out.extend_from_slice(f.data_ref().map(|d| d.as_ref()).unwrap_or_default()),
                 Some(Err(e)) => panic!("body: {e}"),
@@ -343,8 +407,6 @@ mod tests {
         }
         (String::from_utf8_lossy(&out).into_owned(), conn)
     }
-
-    use http_body::Body as _;
 
     #[tokio::test]
     async fn origin_form_host_and_reuse_of_one_connection() {
@@ -372,7 +434,7 @@ mod tests {
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(resp.status(), 200);
-            let (text, conn) = body_text(resp, conn).await;
+            let (text, conn) = body_text(conn).await;
             assert_eq!(text, format!("reply {i}"));
             conn.release();
             assert_eq!(pool.idle_count(), 1);
@@ -405,7 +467,8 @@ mod tests {
         let pool = pool();
         for _ in 0..2 {
             let (resp, conn) = pool.send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
-            let (text, conn) = body_text(resp, conn).await;
+            assert_eq!(resp.status(), 200);
+            let (text, conn) = body_text(conn).await;
             assert_eq!(text, "ok");
             conn.release();
             // Let the close reach us.
@@ -414,6 +477,109 @@ mod tests {
         assert_eq!(server.await.unwrap_or_default(), 2);
         pool.sweep();
         assert_eq!(pool.idle_count(), 0, "the closed connection was swept");
+    }
+
+    /// An upstream that answers each request on one connection with the next of `replies`,
+    /// then keeps the socket open until the test ends. Returns its address.
+    async fn scripted(replies: Vec<&'static [u8]>) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut buf = Vec::new();
+            for reply in replies {
+                if read_request(&mut s, &mut buf).await.is_none() {
+                    return;
+                }
+                let _ = s.write_all(reply).await;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped_and_chunked_trailers_end_the_body() {
+        let addr = scripted(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n\
+HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let pool = pool();
+        let (resp, conn) = pool.send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), 201);
+        let (text, conn) = body_text(conn).await;
+        assert_eq!(text, "hello");
+        conn.release();
+        assert_eq!(pool.idle_count(), 1, "a chunked body that ended leaves the connection reusable");
+        let (resp, conn) = pool.send(request(&format!("http://{addr}/y"))).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), 200);
+        assert_eq!(body_text(conn).await.0, "ok");
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_bodies_read_to_the_close_are_not_pooled() {
+        let addr = scripted(vec![b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"]).await;
+        let pool = pool();
+        let (_, conn) = pool.send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
+        let (text, conn) = body_text(conn).await;
+        assert_eq!(text, "ok");
+        conn.release();
+        assert_eq!(pool.idle_count(), 0);
+
+        // No length: the body is everything up to the close.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut buf = Vec::new();
+            read_request(&mut s, &mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of ").await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = s.write_all(b"it").await;
+        });
+        let (_, conn) = pool.send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
+        let (text, conn) = body_text(conn).await;
+        assert_eq!(text, "all of it");
+        conn.release();
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_close_before_the_head_or_an_invalid_head_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            for reply in [&b""[..], b"HTTP/1.1 2OO OK\r\n\r\n"] {
+                let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+                let mut buf = Vec::new();
+                read_request(&mut s, &mut buf).await;
+                let _ = s.write_all(reply).await;
+            }
+        });
+        let pool = pool();
+        let closed = pool.send(request(&format!("http://{addr}/x"))).await.err();
+        assert!(matches!(closed, Some(SendError::Closed)), "{closed:?}");
+        let invalid = pool.send(request(&format!("http://{addr}/x"))).await.err();
+        assert!(matches!(invalid, Some(SendError::Protocol(H1Error::Head(_)))), "{invalid:?}");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut buf = Vec::new();
+            read_request(&mut s, &mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort").await;
+        });
+        let (_, mut conn) = pool().send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
+        let first = std::future::poll_fn(|cx| conn.poll_frame(cx)).await;
+        assert_eq!(first.and_then(|f| f.ok()).and_then(|f| f.into_data().ok()), Some(Bytes::from_static(b"short")));
+        let second = std::future::poll_fn(|cx| conn.poll_frame(cx)).await;
+        assert!(matches!(second, Some(Err(BodyError::Protocol(H1Error::Incomplete)))), "{second:?}");
     }
 
     #[tokio::test]
@@ -433,10 +599,10 @@ mod tests {
             ("https://api.example.com/v1", "api.example.com", "/v1"),
             ("https://api.example.com:8443", "api.example.com:8443", "/"),
         ] {
-            let mut req = request(uri);
+            let (mut req, _) = request(uri).into_parts();
             let key = to_origin_form(&mut req).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(req.headers()[header::HOST], host, "{uri}");
-            assert_eq!(req.uri().to_string(), target, "{uri}");
+            assert_eq!(req.headers[header::HOST], host, "{uri}");
+            assert_eq!(req.uri.to_string(), target, "{uri}");
             assert_eq!(key.https, uri.starts_with("https"));
         }
     }

@@ -5,8 +5,8 @@
 //! - Frames are forwarded unchanged (refcounted `Bytes`, no copy); the only exception is the
 //!   OpenAI stream whose `include_usage` llmtap injected, where the exchange hands back the
 //!   bytes without the additions.
-//! - With a pooled HTTP/1.1 upstream (`pool::Conn`) the tap drives the upstream connection
-//!   itself: each poll lets the connection read and decode, then takes every frame it has.
+//! - With a pooled HTTP/1.1 upstream (`pool::Conn`) the tap reads the upstream connection
+//!   itself: each poll reads what the socket has and takes every frame decoded from it.
 //!   The connection goes back to the pool when the body ended cleanly, and is closed with
 //!   the tap otherwise.
 //! - Exactly one record per call: at the end of the body, on an upstream error or idle
@@ -26,12 +26,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use llmtap_ingest::recorder::RecordSender;
 use llmtap_ingest::{ErrorKind, Exchange};
 use tokio::time::Sleep;
 
-use crate::pool::Conn;
+use crate::upstream::UpstreamBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -40,16 +39,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct IdleTimeout(pub Duration);
 
 /// A frame as the upstream body yields it.
-pub type UpstreamFrame = Result<Frame<Bytes>, hyper::Error>;
+pub type UpstreamFrame = Result<Frame<Bytes>, BoxError>;
 
 /// Frames gathered before hyper gets them; more than this go out in the next write.
 const MAX_GATHER: usize = 16;
 
 /// Response body that taps the upstream's frames.
 pub struct TapBody {
-    inner: Incoming,
-    /// The upstream connection `inner` comes from, when this task drives it.
-    conn: Option<Conn>,
+    inner: UpstreamBody,
     /// Frames taken from `inner` and not yet handed to hyper: those that came with the
     /// head (`ready_frames`), then each batch gathered while `gathering`.
     early: VecDeque<UpstreamFrame>,
@@ -75,8 +72,7 @@ pub struct TapBody {
 impl TapBody {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        inner: Incoming,
-        conn: Option<Conn>,
+        inner: UpstreamBody,
         (early, upstream_ended): (VecDeque<UpstreamFrame>, bool),
         exchange: Exchange,
         recorder: RecordSender,
@@ -86,7 +82,6 @@ impl TapBody {
     ) -> Self {
         TapBody {
             inner,
-            conn,
             early,
             upstream_ended,
             gathering: false,
@@ -113,9 +108,7 @@ impl TapBody {
     /// for the recorder, which builds its record (`EndedCall`).
     fn end(&mut self) {
         self.done = true;
-        if let Some(conn) = self.conn.take() {
-            conn.release();
-        }
+        self.inner.release();
         let Some(mut ex) = self.exchange.take() else {
             return;
         };
@@ -132,11 +125,11 @@ impl TapBody {
     /// whole batch, which hyper writes at once. One write per batch instead of per frame;
     /// the cost is one run-queue pass, no syscall.
     fn poll_upstream(&mut self, cx: &mut Context<'_>) -> Poll<Option<UpstreamFrame>> {
-        if self.conn.is_some() {
+        if self.inner.is_driven() {
             return self.poll_driven(cx);
         }
         if self.gathering {
-            match Pin::new(&mut self.inner).poll_frame(cx) {
+            match self.inner.poll_frame(cx) {
                 Poll::Ready(Some(f)) => {
                     let more = f.is_ok() && self.early.len() + 1 < MAX_GATHER;
                     self.early.push_back(f);
@@ -156,7 +149,7 @@ impl TapBody {
         if self.upstream_ended {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        match self.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 self.early.push_back(Ok(frame));
                 self.gathering = true;
@@ -167,15 +160,12 @@ impl TapBody {
         }
     }
 
-    /// `poll_upstream` when this task runs the upstream connection: no requeue is needed to
-    /// let it decode, so the batch is gathered at once.
+    /// `poll_upstream` when this task reads the upstream connection: no requeue is needed
+    /// to let it decode, so the batch is gathered at once.
     fn poll_driven(&mut self, cx: &mut Context<'_>) -> Poll<Option<UpstreamFrame>> {
         if self.early.is_empty() && !self.upstream_ended {
             while self.early.len() < MAX_GATHER {
-                if let Some(conn) = self.conn.as_mut() {
-                    conn.drive(cx);
-                }
-                match Pin::new(&mut self.inner).poll_frame(cx) {
+                match self.inner.poll_frame(cx) {
                     Poll::Ready(Some(f)) => {
                         let failed = f.is_err();
                         self.early.push_back(f);
@@ -223,18 +213,13 @@ impl TapBody {
 ///
 /// A connection that runs in its own task decodes what it has read only when it gets to
 /// run, so one requeue is allowed after each frame; the next `Pending` ends the wait. One
-/// this task drives (`conn`) is driven before each look instead.
-pub async fn ready_frames(body: &mut Incoming, mut conn: Option<&mut Conn>) -> (VecDeque<UpstreamFrame>, bool) {
+/// this task reads (`is_driven`) has nothing more at its first `Pending`.
+pub async fn ready_frames(body: &mut UpstreamBody) -> (VecDeque<UpstreamFrame>, bool) {
+    let driven = body.is_driven();
     let mut frames = VecDeque::new();
     let mut yielded = false;
     while frames.len() < MAX_GATHER {
-        let polled = std::future::poll_fn(|cx| {
-            if let Some(c) = conn.as_deref_mut() {
-                c.drive(cx);
-            }
-            Poll::Ready(Pin::new(&mut *body).poll_frame(cx))
-        })
-        .await;
+        let polled = std::future::poll_fn(|cx| Poll::Ready(body.poll_frame(cx))).await;
         match polled {
             Poll::Ready(Some(f)) => {
                 let failed = f.is_err();
@@ -245,7 +230,7 @@ pub async fn ready_frames(body: &mut Incoming, mut conn: Option<&mut Conn>) -> (
                 yielded = false;
             }
             Poll::Ready(None) => return (frames, true),
-            Poll::Pending if yielded || conn.is_some() => break,
+            Poll::Pending if yielded || driven => break,
             Poll::Pending => {
                 requeue().await;
                 yielded = true;
@@ -325,7 +310,7 @@ impl Body for TapBody {
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
                     this.finish(ErrorKind::UpstreamReset);
-                    return Poll::Ready(Some(Err(Box::new(e))));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(None) => {
                     this.end();
@@ -341,9 +326,13 @@ impl Body for TapBody {
 
     fn size_hint(&self) -> SizeHint {
         if self.rewrites {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
+            return SizeHint::default();
+        }
+        // The frames taken ahead of hyper are part of the body still to send.
+        let early: u64 = self.early.iter().filter_map(|f| f.as_ref().ok()?.data_ref().map(|d| d.len() as u64)).sum();
+        match self.inner.size_hint().exact() {
+            Some(n) => SizeHint::with_exact(n + early),
+            None => SizeHint::default(),
         }
     }
 }

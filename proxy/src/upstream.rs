@@ -2,11 +2,14 @@
 //! connect timeout: hyper-util's pooled client, HTTP/1.1 or HTTP/2 chosen by ALPN, and for
 //! the request path `Upstream`, which sends HTTP/1.1 calls through `pool` instead.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -18,6 +21,8 @@ use rustls::pki_types::CertificateDer;
 
 use crate::config::ClientConfig;
 use crate::pool::{Conn, Pool, SendError};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -62,19 +67,61 @@ impl Upstream {
         Ok(Upstream { client, pool, http2: cfg.http2 })
     }
 
-    /// Sends `req` (absolute URI) and waits for the response head. With a pooled HTTP/1.1
-    /// connection, that connection comes back too: it carries the body and must be driven
-    /// by whoever reads it.
-    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<(Response<Incoming>, Option<Conn>), SendError> {
+    /// Sends `req` (absolute URI) and waits for the response head.
+    pub async fn send(&self, req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendError> {
         if self.http2 && req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
-            return self.client.request(req).await.map(|r| (r, None)).map_err(SendError::Client);
+            let resp = self.client.request(req.map(Full::new)).await.map_err(SendError::Client)?;
+            return Ok(resp.map(|b| UpstreamBody(Source::Shared(b))));
         }
-        self.pool.send(req).await.map(|(r, c)| (r, Some(c)))
+        let (resp, conn) = self.pool.send(req).await?;
+        Ok(resp.map(|()| UpstreamBody(Source::Pooled(conn))))
     }
 
     /// Closes idle connections past their time or closed by the upstream.
     pub fn sweep(&self) {
         self.pool.sweep();
+    }
+}
+
+/// A response body: read from a pooled HTTP/1.1 connection by the call's own task, or
+/// from hyper's pooled client.
+pub struct UpstreamBody(Source);
+
+enum Source {
+    Pooled(Box<Conn>),
+    Shared(Incoming),
+    /// Ended, and the connection went back to the pool.
+    Released,
+}
+
+impl UpstreamBody {
+    /// Whether the caller's polls do the reading: no other task decodes for it, so a
+    /// `Pending` means the socket has nothing more.
+    pub fn is_driven(&self) -> bool {
+        matches!(self.0, Source::Pooled(_))
+    }
+
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Source::Pooled(c) => c.poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            Source::Shared(b) => Pin::new(b).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            Source::Released => Poll::Ready(None),
+        }
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Source::Pooled(c) => c.size_hint(),
+            Source::Shared(b) => b.size_hint(),
+            Source::Released => SizeHint::with_exact(0),
+        }
+    }
+
+    /// The body ended cleanly: a pooled connection goes back to its pool.
+    pub fn release(&mut self) {
+        if let Source::Pooled(c) = std::mem::replace(&mut self.0, Source::Released) {
+            c.release();
+        }
     }
 }
 
