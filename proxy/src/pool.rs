@@ -238,6 +238,12 @@ impl Pool {
             }
         };
         let decoder = Decoder::new(&parts.method, &head).map_err(SendError::Protocol)?;
+        let mut head = head;
+        if head.headers.contains_key(header::TRANSFER_ENCODING) {
+            // Transfer-Encoding overrides a Content-Length beside it, and an intermediary
+            // removes that Content-Length before forwarding (RFC 9112 §6.3).
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
         conn.keep_alive = head.keep_alive() && decoder.reusable() && head.status != StatusCode::SWITCHING_PROTOCOLS;
         conn.decoder = Some(decoder);
         let mut resp = Response::new(());
@@ -527,6 +533,15 @@ HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t
         assert_eq!(text, "ok");
         conn.release();
         assert_eq!(pool.idle_count(), 0);
+
+        // Transfer-Encoding wins over a Content-Length beside it, which is not forwarded.
+        let addr = scripted(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ])
+        .await;
+        let (resp, conn) = pool.send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(!resp.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(body_text(conn).await.0, "ok");
 
         // No length: the body is everything up to the close.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
