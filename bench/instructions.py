@@ -135,38 +135,14 @@ def main():
     ensure_valgrind()
     B.ensure_nginx()
     if not a.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "llmtap", "-p", "llmtap-testkit", "--bins"], cwd=B.ROOT,
-                       check=True)
+        B.build()
     stream = not a.json
     work = tempfile.mkdtemp(prefix="llmtap-instr-")
     mock = B.start_mock()
     try:
         port = B.free_port()
-        conf = os.path.join(work, "nginx.conf")
-        with open(conf, "w") as f:
-            # run.py's nginx, in one process: valgrind follows no fork.
-            f.write(f"""master_process off;
-daemon off;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/nginx-body;
-  proxy_temp_path {work}/nginx-proxy;
-  upstream mock {{ server 127.0.0.1:{mock.port}; keepalive 512; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://mock;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }}
-  }}
-}}
-""")
+        # run.py's nginx, in one process: valgrind follows no fork.
+        conf = B.nginx_conf(work, mock.port, port, 1, single_process=True)
         nginx = measure("nginx", ["nginx", "-c", conf, "-p", work], port, work, {}, a.calls, stream, a.chunks)
         port, admin = B.free_port(), B.free_port()
         env = {"LLMTAP_UPSTREAM_OPENAI": f"http://127.0.0.1:{mock.port}", "LLMTAP_LOG_LEVEL": "warn"}

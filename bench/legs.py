@@ -75,8 +75,7 @@ def main():
     args = ap.parse_args()
     ensure_tcpdump()
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "llmtap", "-p", "llmtap-testkit", "--bins"],
-                       cwd=B.ROOT, check=True)
+        B.build()
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
         B.LOAD_CPUS, B.PROXY_CPUS = {cpus[0]}, set(cpus[1:])

@@ -180,13 +180,19 @@ def start_mock():
     return p
 
 
-def start_nginx(mock_port, work):
-    port = free_port()
+def build():
+    """The release binaries the harness runs: llmtap, the mock and the load generator."""
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "llmtap", "-p", "llmtap-testkit", "--bins"], cwd=ROOT,
+                   check=True)
+
+
+def nginx_conf(work, mock_port, port, workers, single_process=False):
+    """nginx as a plain reverse proxy to the mock: no buffering, upstream keepalive. With
+    `single_process`, one process and no daemon (for valgrind, which follows no fork)."""
     conf = os.path.join(work, "nginx.conf")
+    head = "master_process off;\ndaemon off;\n" if single_process else ""
     with open(conf, "w") as f:
-        # One worker per core it may use, as `auto` would choose on a machine of that size.
-        workers = len(PROXY_CPUS) if PROXY_CPUS else os.cpu_count()
-        f.write(f"""worker_processes {workers};
+        f.write(f"""{head}worker_processes {workers};
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
 events {{ worker_connections 8192; }}
@@ -207,6 +213,14 @@ http {{
   }}
 }}
 """)
+    return conf
+
+
+def start_nginx(mock_port, work):
+    port = free_port()
+    # One worker per core it may use, as `auto` would choose on a machine of that size.
+    workers = len(PROXY_CPUS) if PROXY_CPUS else os.cpu_count()
+    conf = nginx_conf(work, mock_port, port, workers)
     p = Proc("nginx", ["nginx", "-c", conf, "-p", work, "-g", "daemon off;"], port=port, cpus=PROXY_CPUS)
     wait_port(port)
     return p
@@ -388,8 +402,7 @@ def main():
         # The ClickHouse engine (chdb) lives in the venv the test suite uses.
         subprocess.run(["make", "-s", ".venv/.installed"], cwd=ROOT, check=True)
     if not args.no_build:
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "llmtap", "-p", "llmtap-testkit", "--bins"], cwd=ROOT,
-                       check=True)
+        build()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = []
     for sc in scenarios(args.quick):

@@ -504,6 +504,25 @@ mod tests {
         addr
     }
 
+    /// An upstream that takes one connection and one request, writes `pieces` 20 ms apart
+    /// and closes. Returns its address.
+    async fn answer_once(pieces: &'static [&'static [u8]]) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+            let mut buf = Vec::new();
+            read_request(&mut s, &mut buf).await;
+            for (i, piece) in pieces.iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = s.write_all(piece).await;
+            }
+        });
+        addr
+    }
+
     #[tokio::test]
     async fn interim_responses_are_skipped_and_chunked_trailers_end_the_body() {
         let addr = scripted(vec![
@@ -544,16 +563,7 @@ HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t
         assert_eq!(body_text(conn).await.0, "ok");
 
         // No length: the body is everything up to the close.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
-            let mut buf = Vec::new();
-            read_request(&mut s, &mut buf).await;
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of ").await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let _ = s.write_all(b"it").await;
-        });
+        let addr = answer_once(&[b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of ", b"it"]).await;
         let (_, conn) = pool.send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
         let (text, conn) = body_text(conn).await;
         assert_eq!(text, "all of it");
@@ -563,33 +573,18 @@ HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-t
 
     #[tokio::test]
     async fn a_close_before_the_head_or_an_invalid_head_is_an_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(async move {
-            for reply in [&b""[..], b"HTTP/1.1 2OO OK\r\n\r\n"] {
-                let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
-                let mut buf = Vec::new();
-                read_request(&mut s, &mut buf).await;
-                let _ = s.write_all(reply).await;
-            }
-        });
         let pool = pool();
+        let addr = answer_once(&[]).await;
         let closed = pool.send(request(&format!("http://{addr}/x"))).await.err();
         assert!(matches!(closed, Some(SendError::Closed)), "{closed:?}");
+        let addr = answer_once(&[b"HTTP/1.1 2OO OK\r\n\r\n"]).await;
         let invalid = pool.send(request(&format!("http://{addr}/x"))).await.err();
         assert!(matches!(invalid, Some(SendError::Protocol(H1Error::Head(_)))), "{invalid:?}");
     }
 
     #[tokio::test]
     async fn a_body_cut_short_is_an_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
-        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
-            let mut buf = Vec::new();
-            read_request(&mut s, &mut buf).await;
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort").await;
-        });
+        let addr = answer_once(&[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"]).await;
         let (_, mut conn) = pool().send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
         let first = std::future::poll_fn(|cx| conn.poll_frame(cx)).await;
         assert_eq!(first.and_then(|f| f.ok()).and_then(|f| f.into_data().ok()), Some(Bytes::from_static(b"short")));
