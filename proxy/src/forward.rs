@@ -60,13 +60,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         }
     }
     if connection {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
+        let named: Vec<HeaderName> =
+            crate::h1::connection_tokens(h).filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect();
         for n in named {
             h.remove(n);
         }

@@ -53,18 +53,24 @@ impl Head {
     /// Whether the connection may carry another request after this response's body ends
     /// (the framing must also end the body without closing: see `Decoder::reusable`).
     pub fn keep_alive(&self) -> bool {
-        let has = |token: &str| {
-            self.headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
-        };
+        let has = |token: &str| connection_tokens(&self.headers).any(|t| t.eq_ignore_ascii_case(token));
         match self.version {
             Version::HTTP_11 => !has("close"),
             Version::HTTP_10 => has("keep-alive"),
             _ => false,
         }
     }
+}
+
+/// The options a `Connection` header lists (RFC 9110 §7.6.1), trimmed, over all its lines.
+pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 /// Writes a request with a whole body: request line, headers, `content-length`, body.
@@ -234,15 +240,7 @@ impl Decoder {
         loop {
             match self.state {
                 State::Done => return Ok(Some(Decoded::End(None))),
-                State::Length(left) => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let n = take(buf.len(), left);
-                    let data = buf.split_to(n).freeze();
-                    self.state = if left == n as u64 { State::Done } else { State::Length(left - n as u64) };
-                    return Ok(Some(Decoded::Data(data)));
-                }
+                State::Length(left) => return Ok(self.take_data(buf, left, State::Length, State::Done)),
                 State::Close => {
                     if buf.is_empty() {
                         return Ok(None);
@@ -259,26 +257,19 @@ impl Decoder {
                     Err(_) => return Err(H1Error::ChunkSize),
                 },
                 State::ChunkData(left) => {
-                    if buf.is_empty() {
+                    return Ok(self.take_data(buf, left, State::ChunkData, State::ChunkEnd));
+                }
+                State::ChunkEnd => {
+                    // What has arrived of the CRLF must match it.
+                    if !buf.starts_with(&b"\r\n"[..buf.len().min(2)]) {
+                        return Err(H1Error::ChunkEnd);
+                    }
+                    if buf.len() < 2 {
                         return Ok(None);
                     }
-                    let n = take(buf.len(), left);
-                    let data = buf.split_to(n).freeze();
-                    self.state = if left == n as u64 { State::ChunkEnd } else { State::ChunkData(left - n as u64) };
-                    return Ok(Some(Decoded::Data(data)));
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
                 }
-                State::ChunkEnd => match buf.first().copied() {
-                    None => return Ok(None),
-                    Some(b'\r') => match buf.get(1).copied() {
-                        None => return Ok(None),
-                        Some(b'\n') => {
-                            buf.advance(2);
-                            self.state = State::ChunkSize;
-                        }
-                        Some(_) => return Err(H1Error::ChunkEnd),
-                    },
-                    Some(_) => return Err(H1Error::ChunkEnd),
-                },
                 State::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     match httparse::parse_headers(buf, &mut fields) {
@@ -303,6 +294,17 @@ impl Decoder {
         }
     }
 
+    /// Up to `left` body bytes from the front of `buf`, as one slice; the state becomes
+    /// `more(rest)` while bytes remain, `after` once none do.
+    fn take_data(&mut self, buf: &mut BytesMut, left: u64, more: fn(u64) -> State, after: State) -> Option<Decoded> {
+        if buf.is_empty() {
+            return None;
+        }
+        let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+        self.state = if n as u64 == left { after } else { more(left - n as u64) };
+        Some(Decoded::Data(buf.split_to(n).freeze()))
+    }
+
     /// The connection reached its end: the body's end when it reads to the close, an
     /// error when it was cut short.
     pub fn eof(&mut self) -> Result<Decoded, H1Error> {
@@ -314,11 +316,6 @@ impl Decoder {
             _ => Err(H1Error::Incomplete),
         }
     }
-}
-
-/// How many of `available` bytes to take when `left` remain.
-fn take(available: usize, left: u64) -> usize {
-    usize::try_from(left).map_or(available, |l| l.min(available))
 }
 
 #[cfg(test)]

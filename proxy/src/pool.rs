@@ -225,7 +225,7 @@ impl Pool {
             conn.io.flush().await.map_err(SendError::Io)?;
             break conn;
         };
-        let head = loop {
+        let mut head = loop {
             match h1::parse_head(&mut conn.buf, MAX_HEAD).map_err(SendError::Protocol)? {
                 // Interim responses (100 Continue, 103 Early Hints) come before the real one.
                 Some(h) if h.status.is_informational() && h.status != StatusCode::SWITCHING_PROTOCOLS => continue,
@@ -238,7 +238,6 @@ impl Pool {
             }
         };
         let decoder = Decoder::new(&parts.method, &head).map_err(SendError::Protocol)?;
-        let mut head = head;
         if head.headers.contains_key(header::TRANSFER_ENCODING) {
             // Transfer-Encoding overrides a Content-Length beside it, and an intermediary
             // removes that Content-Length before forwarding (RFC 9112 §6.3).
