@@ -17,6 +17,11 @@ of its own and the load generator, the mock and the ClickHouse engine on core 0
 own in production; sharing two cores with the load generator measured the load generator's
 interference more than the proxy.
 
+Open-loop requests come one in each 1/rate slot, at a random point of it, from a schedule
+seeded with the run's number, so every target in a round gets the same one (`--arrivals`;
+`even`, exactly 1/rate apart, phase-locks with the mock's millisecond timer ticks: each run's
+stream TTFT then depends on a random offset, not on the target).
+
 Per target: achieved rate, errors, p50/p90/p99/p99.9/max of time to first byte (TTFT for
 streams) and total time, latency added over direct (difference of p50s and of p99s in the
 same round), proxy CPU microseconds per request (/proc utime+stime), peak RSS (VmHWM), and
@@ -261,11 +266,11 @@ def metric(p, name):
     return None
 
 
-def load(target_port, sc, path="/v1/chat/completions"):
+def load(target_port, sc, path="/v1/chat/completions", arrivals="even", seed=1):
     args = [os.path.join(REL, "llmtap-load"), "--url", f"http://127.0.0.1:{target_port}{path}", "--mode", sc["mode"],
             "--duration", str(sc["duration"])]
     if sc["mode"] == "open":
-        args += ["--rate", str(sc["rate"])]
+        args += ["--rate", str(sc["rate"]), "--arrivals", arrivals, "--seed", str(seed)]
     else:
         args += ["--connections", str(sc["connections"])]
     if sc.get("stream"):
@@ -388,6 +393,9 @@ def main():
     ap.add_argument("--no-clickhouse", action="store_true", help="skip the llmtap+clickhouse target")
     ap.add_argument("--baseline", metavar="BINARY",
                     help="another llmtap binary (an earlier build, say) to run as target 'baseline' in every round")
+    ap.add_argument("--arrivals", choices=["even", "slotted", "poisson"], default="slotted",
+                    help="open-loop schedule (llmtap-load --arrivals; default slotted: one request in each "
+                         "1/rate slot at a random point); every target in a round gets the same one")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="proxy on cores of its own, load side on core 0 (default; needs 2+ cores)")
     args = ap.parse_args()
@@ -425,7 +433,7 @@ def main():
                 engine_before = cpu_ticks(engine.pids()) if engine else 0
                 before, threads_before = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
                 steal_before = steal_ticks(PROXY_CPUS), steal_ticks(LOAD_CPUS)
-                r = load(proc.port, sc)
+                r = load(proc.port, sc, arrivals=args.arrivals, seed=run)
                 steal_after = steal_ticks(PROXY_CPUS), steal_ticks(LOAD_CPUS)
                 after, threads_after = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
                 engine_after = cpu_ticks(engine.pids()) if engine else 0
@@ -468,12 +476,13 @@ def main():
     out_dir = os.path.join(ROOT, "bench", "results")
     os.makedirs(out_dir, exist_ok=True)
     cores = {"load": sorted(LOAD_CPUS), "proxy": sorted(PROXY_CPUS)} if PROXY_CPUS else "shared"
-    meta = {"commit": commit, "utc": stamp, "cores": os.cpu_count(), "pinned": cores, "quick": args.quick}
+    meta = {"commit": commit, "utc": stamp, "cores": os.cpu_count(), "pinned": cores, "quick": args.quick,
+            "arrivals": args.arrivals}
     with open(os.path.join(out_dir, f"{stamp}.json"), "w") as f:
         json.dump({"meta": meta, "rows": results}, f, indent=1)
     where = (f"proxy on cores {sorted(PROXY_CPUS)}, load generator, mock and engine on {sorted(LOAD_CPUS)}"
              if PROXY_CPUS else "every process on every core")
-    lines = [f"llmtap benchmark at {commit}, {stamp}, {os.cpu_count()} cores ({where})", "",
+    lines = [f"llmtap benchmark at {commit}, {stamp}, {os.cpu_count()} cores ({where}), {args.arrivals} arrivals", "",
              "| scenario | run | target | req/s | errors | ttfb p50 | p90 | p99 | p99.9 | max | total p99 | added p50 | added p99 | CPU µs/req | peak RSS MB | host steal ms |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:

@@ -1,9 +1,11 @@
 //! `llmtap-load`: the benchmark load generator.
 //!
-//! - `open`: constant arrival rate. Request i is due at start + i/rate; latency is measured
-//!   from that scheduled time, so a stalled target cannot hide behind requests it delayed
-//!   (no coordinated omission). Requests that could not even be started on time count.
-//!   A plain thread paces the sends to within tens of microseconds.
+//! - `open`: constant arrival rate. Request i is due at start + i/rate (`--arrivals even`),
+//!   at a random point of the i-th 1/rate slot (`slotted`), or after exponential gaps
+//!   (`poisson`); latency is measured from that scheduled time, so a stalled target cannot
+//!   hide behind requests it delayed (no coordinated omission). Requests that could not
+//!   even be started on time count. A plain thread paces the sends to within tens of
+//!   microseconds.
 //! - `closed`: C connections each sending back to back, for maximum throughput.
 //! - `streams`: C streams held open at once (the upstream paces chunks), for memory.
 //!
@@ -28,6 +30,41 @@ enum Mode {
     Streams,
 }
 
+/// When open-loop requests are due.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Arrivals {
+    /// Exactly 1/rate apart.
+    Even,
+    /// One request in each 1/rate slot, at a random point of it: `even`'s rate, never
+    /// more than two requests in any 1/rate window, and no fixed phase against periodic
+    /// work elsewhere. An upstream whose timers fire on whole milliseconds (tokio's do) sends
+    /// every stream's chunks on the same ticks; requests exactly 2 ms apart then all meet
+    /// those bursts at one offset, which differs from run to run and sets the run's TTFT.
+    Slotted,
+    /// A Poisson process: exponential gaps with mean 1/rate.
+    Poisson,
+}
+
+/// Offsets from the start at which requests are due, in order, all within `duration`
+/// seconds. The same `seed` gives every target the same schedule.
+fn schedule(arrivals: Arrivals, rate: f64, duration: f64, seed: u64) -> Vec<Duration> {
+    let n = (rate * duration).round() as u64;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    match arrivals {
+        Arrivals::Even => (0..n).map(|i| Duration::from_secs_f64(i as f64 / rate)).collect(),
+        Arrivals::Slotted => (0..n).map(|i| Duration::from_secs_f64((i as f64 + rng.f64()) / rate)).collect(),
+        Arrivals::Poisson => {
+            let mut at = 0.0;
+            std::iter::from_fn(|| {
+                // 1 - u is in (0, 1]: its logarithm is finite.
+                at += -(1.0 - rng.f64()).ln() / rate;
+                (at < duration).then(|| Duration::from_secs_f64(at))
+            })
+            .collect()
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "llmtap-load", about = "Open- and closed-loop HTTP load for llmtap benchmarks")]
 struct Args {
@@ -38,6 +75,12 @@ struct Args {
     /// Requests per second (open).
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
+    /// How requests are spread over time (open).
+    #[arg(long, value_enum, default_value_t = Arrivals::Even)]
+    arrivals: Arrivals,
+    /// Seed of the random schedules (`slotted`, `poisson`).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Connections or concurrent streams (closed, streams).
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -148,13 +191,13 @@ fn main() -> anyhow::Result<()> {
             Mode::Open => {
                 // The pacer is a plain thread: tokio's timers fire on whole milliseconds, which
                 // would add up to a millisecond of sender lateness to every measurement.
-                let n = (args.rate * args.duration).round() as u64;
-                let (handle, rate) = (tokio::runtime::Handle::current(), args.rate);
+                let due_at = schedule(args.arrivals, args.rate, args.duration, args.seed);
+                let handle = tokio::runtime::Handle::current();
                 let (c, a, s) = (client.clone(), args.clone(), stats.clone());
                 let pacer = std::thread::spawn(move || {
-                    let mut tasks = Vec::with_capacity(n as usize);
-                    for i in 0..n {
-                        let due = start + Duration::from_secs_f64(i as f64 / rate);
+                    let mut tasks = Vec::with_capacity(due_at.len());
+                    for offset in due_at {
+                        let due = start + offset;
                         std::thread::sleep(due.saturating_duration_since(Instant::now()));
                         let (c, a, s) = (c.clone(), a.clone(), s.clone());
                         tasks.push(handle.spawn(async move { one(&c, &a, due, &s).await }));
@@ -202,4 +245,56 @@ fn main() -> anyhow::Result<()> {
         println!("{out}");
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(v: &[Duration]) -> Vec<f64> {
+        v.iter().map(Duration::as_secs_f64).collect()
+    }
+
+    #[test]
+    fn even_arrivals_are_exactly_one_over_rate_apart() {
+        let s = secs(&schedule(Arrivals::Even, 500.0, 0.01, 7));
+        assert_eq!(s, [0.0, 0.002, 0.004, 0.006, 0.008]);
+    }
+
+    #[test]
+    fn slotted_arrivals_put_one_request_in_each_slot_at_no_fixed_phase() {
+        let rate = 500.0;
+        let s = secs(&schedule(Arrivals::Slotted, rate, 10.0, 1));
+        assert_eq!(s.len(), 5000);
+        for (i, at) in s.iter().enumerate() {
+            let slot = i as f64 / rate;
+            assert!((slot..slot + 1.0 / rate).contains(at), "request {i} at {at} s is outside its slot");
+        }
+        // The offsets within the slots cover the slot: no phase is favoured.
+        let mut quarters = [0usize; 4];
+        for (i, at) in s.iter().enumerate() {
+            let phase = (at - i as f64 / rate) * rate;
+            quarters[((phase * 4.0) as usize).min(3)] += 1;
+        }
+        assert!(quarters.iter().all(|&q| (1100..1400).contains(&q)), "{quarters:?}");
+    }
+
+    #[test]
+    fn poisson_arrivals_keep_the_rate_within_the_duration() {
+        let s = secs(&schedule(Arrivals::Poisson, 1000.0, 20.0, 3));
+        assert!((19_500..20_500).contains(&s.len()), "{} requests for 20,000 expected", s.len());
+        assert!(s.windows(2).all(|w| w[0] <= w[1]));
+        assert!(s.iter().all(|&t| (0.0..20.0).contains(&t)));
+        // Exponential gaps: about e^-1 of them exceed the mean.
+        let long = s.windows(2).filter(|w| w[1] - w[0] > 0.001).count() as f64 / s.len() as f64;
+        assert!((0.34..0.40).contains(&long), "{long}");
+    }
+
+    #[test]
+    fn a_seed_gives_every_target_the_same_schedule() {
+        for a in [Arrivals::Slotted, Arrivals::Poisson] {
+            assert_eq!(schedule(a, 500.0, 2.0, 9), schedule(a, 500.0, 2.0, 9));
+            assert_ne!(schedule(a, 500.0, 2.0, 9), schedule(a, 500.0, 2.0, 10));
+        }
+    }
 }
