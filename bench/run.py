@@ -317,20 +317,28 @@ def verdicts(results):
         a, b = rows.get((scenario, run, "llmtap")), rows.get((scenario, run, "nginx"))
         return (a, b) if a and b else (None, None)
 
+    def steal(a, b):
+        """The host's steal during the two runs, when there was any: such a run's tail is
+        the host's (see the README), and the verdict says so beside the numbers."""
+        ms = [(r.get("steal_ms") or {}).get(k, 0) for r in (a, b) for k in ("proxy_cores", "load_cores")]
+        if not any(ms):
+            return ""
+        return f"; host steal ms, proxy/load cores: llmtap {ms[0]:.0f}/{ms[1]:.0f}, nginx {ms[2]:.0f}/{ms[3]:.0f}"
+
     for sc in ("json 1k/s", "json 5k/s", "sse 20 chunks 500/s"):
         def p50(run, sc=sc):
             a, b = pair(sc, run)
             if not a:
                 return None
             d = a["ttfb_ms"]["p50"] - b["ttfb_ms"]["p50"]
-            return d <= 0.1, f"{a['ttfb_ms']['p50']:.3f} vs {b['ttfb_ms']['p50']:.3f} ({d:+.3f})"
+            return d <= 0.1, f"{a['ttfb_ms']['p50']:.3f} vs {b['ttfb_ms']['p50']:.3f} ({d:+.3f}{steal(a, b)})"
 
         def p99(run, sc=sc):
             a, b = pair(sc, run)
             if not a:
                 return None
             x = a["ttfb_ms"]["p99"] / max(b["ttfb_ms"]["p99"], 1e-9)
-            return x <= 1.25, f"{a['ttfb_ms']['p99']:.3f} vs {b['ttfb_ms']['p99']:.3f} ({x:.2f}×)"
+            return x <= 1.25, f"{a['ttfb_ms']['p99']:.3f} vs {b['ttfb_ms']['p99']:.3f} ({x:.2f}×{steal(a, b)})"
 
         per_run(f"{sc} p50 ≤ nginx + 0.1 ms", p50)
         per_run(f"{sc} p99 ≤ 1.25 × nginx", p99)
@@ -340,7 +348,7 @@ def verdicts(results):
         if not a:
             return None
         x = a["achieved_rate"] / max(b["achieved_rate"], 1e-9)
-        return x >= 0.8, f"{a['achieved_rate']:.0f} vs {b['achieved_rate']:.0f} req/s ({x:.2f}×)"
+        return x >= 0.8, f"{a['achieved_rate']:.0f} vs {b['achieved_rate']:.0f} req/s ({x:.2f}×{steal(a, b)})"
 
     def cpu(run):
         worst = None

@@ -7,10 +7,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import run as bench  # noqa: E402
 
 
-def row(scenario, run, target, p50=0.2, p99=0.5, rate=1000.0, cpu=50.0, rss=20.0, errors=0, dropped=0.0):
+def row(scenario, run, target, p50=0.2, p99=0.5, rate=1000.0, cpu=50.0, rss=20.0, errors=0, dropped=0.0,
+        steal=(0, 0)):
     r = {"scenario": scenario, "run": run, "target": target, "achieved_rate": rate, "errors": errors,
          "ttfb_ms": {"p50": p50, "p99": p99}, "cpu_us_per_req": None if target == "direct" else cpu,
-         "peak_rss_mb": rss}
+         "peak_rss_mb": rss, "steal_ms": {"proxy_cores": steal[0], "load_cores": steal[1]}}
     if target.startswith("llmtap"):
         r["records_dropped"] = dropped
     return r
@@ -60,3 +61,18 @@ def test_throughput_cpu_rss_and_dropped_records():
 
 def test_no_rows_no_table():
     assert bench.verdicts([]) == []
+
+
+def test_a_verdict_names_the_hosts_steal_beside_its_numbers():
+    rows = [
+        row("sse 20 chunks 500/s", 1, "nginx", p50=0.5, p99=1.0),
+        row("sse 20 chunks 500/s", 1, "llmtap", p50=0.5, p99=2.0, steal=(120, 80)),
+        row("sse 20 chunks 500/s", 2, "nginx", p50=0.5, p99=1.0),
+        row("sse 20 chunks 500/s", 2, "llmtap", p50=0.5, p99=1.0),
+    ]
+    t = table(rows)
+    # Still judged on the numbers: steal explains a miss, it does not excuse it.
+    assert t["sse 20 chunks 500/s p99 ≤ 1.25 × nginx"] == [
+        "**missed**: 2.000 vs 1.000 (2.00×; host steal ms, proxy/load cores: llmtap 120/80, nginx 0/0)",
+        "met: 1.000 vs 1.000 (1.00×)",
+    ]
