@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -61,7 +61,7 @@ pub struct TapBody {
     last_frame: Instant,
     /// Armed the first time the upstream makes us wait, and moved only when it fires: a
     /// frame costs a clock read, not a timer-wheel update.
-    idle: Option<Pin<Box<Sleep>>>,
+    idle: IdleTimer,
     /// Bytes held back by the exchange, released after the upstream body ended.
     tail: Option<Bytes>,
     done: bool,
@@ -89,7 +89,7 @@ impl TapBody {
             recorder,
             idle_timeout,
             last_frame: Instant::now(),
-            idle: None,
+            idle: IdleTimer::default(),
             tail: None,
             done: false,
             rewrites,
@@ -189,19 +189,46 @@ impl TapBody {
     }
 
     /// Whether the upstream has been silent for `idle_timeout`; arms the timer otherwise.
-    /// Frames only move the deadline later, so a timer armed for an older deadline fires
-    /// early and is moved then: one timer-wheel update per `idle_timeout`, not per frame.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = tokio::time::Instant::from_std(self.last_frame + self.idle_timeout);
-        let idle = self.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if idle.as_mut().poll(cx).is_pending() {
-            return false;
+        self.idle.expired(tokio::time::Instant::from_std(self.last_frame + self.idle_timeout), cx)
+    }
+}
+
+/// The idle timer of one response body. Frames only move the deadline later, so a timer
+/// armed for an older deadline fires early and is moved then: one timer-wheel update per
+/// `idle_timeout`, not per frame.
+///
+/// hyper polls a streaming body about three times per frame, twice to a `Pending`. While
+/// the timer is armed, has not fired and would wake the same task, polling it again only
+/// re-registers the same waker (the task budget, two atomic swaps), so it is skipped.
+#[derive(Default)]
+struct IdleTimer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The waker the armed timer will wake; `None` until a poll is known to have armed it.
+    armed_for: Option<Waker>,
+}
+
+impl IdleTimer {
+    fn expired(&mut self, deadline: tokio::time::Instant, cx: &mut Context<'_>) -> bool {
+        if let (Some(sleep), Some(waker)) = (&self.sleep, &self.armed_for) {
+            if !sleep.is_elapsed() && waker.will_wake(cx.waker()) {
+                return false;
+            }
         }
-        if idle.deadline() >= deadline {
-            return true;
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            if sleep.deadline() >= deadline {
+                return true;
+            }
+            sleep.as_mut().reset(deadline);
+            if sleep.as_mut().poll(cx).is_ready() {
+                return true;
+            }
         }
-        idle.as_mut().reset(deadline);
-        idle.as_mut().poll(cx).is_ready()
+        // A poll that found the task's budget spent registered nothing (tokio's coop): the
+        // next one must poll again. The budget is the same before and after this poll.
+        self.armed_for = tokio::task::coop::has_budget_remaining().then(|| cx.waker().clone());
+        false
     }
 }
 
@@ -342,5 +369,61 @@ impl Drop for TapBody {
         // A client that left after the stream's final event succeeded; the recorder, which
         // parses the stream, tells the two apart.
         self.finish(ErrorKind::ClientDisconnect);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls `timer` with `deadline` until it says the silence ran out; the time that took.
+    /// Inside a spawned task, whose waker is the same at every poll, as a connection's is
+    /// (the test's own `block_on` hands out a different one each time).
+    async fn wait_expired(mut timer: IdleTimer, deadline: tokio::time::Instant) -> Duration {
+        let start = Instant::now();
+        let wait =
+            std::future::poll_fn(move |cx| if timer.expired(deadline, cx) { Poll::Ready(()) } else { Poll::Pending });
+        tokio::time::timeout(Duration::from_secs(5), wait).await.expect("the idle timer never fired");
+        start.elapsed()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn fires_even_when_its_first_poll_found_the_task_budget_spent() {
+        let task = tokio::spawn(async {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for i in 0..1000 {
+                tx.send(i).unwrap();
+            }
+            let mut timer = IdleTimer::default();
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(30);
+            // Spend the task's budget, then poll the timer: tokio arms nothing on that poll.
+            std::future::poll_fn(|cx| {
+                while tokio::task::coop::has_budget_remaining() {
+                    let _ = rx.poll_recv(cx);
+                }
+                assert!(!timer.expired(deadline, cx));
+                Poll::Ready(())
+            })
+            .await;
+            wait_expired(timer, deadline).await
+        });
+        let took = task.await.unwrap();
+        assert!(took <= Duration::from_secs(2), "{took:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_later_deadline_moves_the_armed_timer_when_it_fires() {
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            let mut timer = IdleTimer::default();
+            // Armed for 20 ms; frames then move the deadline to 80 ms.
+            let first =
+                std::future::poll_fn(|cx| Poll::Ready(timer.expired(start + Duration::from_millis(20), cx))).await;
+            assert!(!first);
+            wait_expired(timer, start + Duration::from_millis(80)).await
+        })
+        .await
+        .unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(80), "fired at {:?}", start.elapsed());
     }
 }
