@@ -20,7 +20,7 @@ use crate::route::RouteTable;
 use crate::tap::TapBody;
 use crate::upstream::Upstream;
 
-pub const TRACE_HEADER: &str = "x-llmtap-trace-id";
+pub const TRACE_HEADER: HeaderName = HeaderName::from_static("x-llmtap-trace-id");
 
 /// Everything the request path needs, shared by all connections.
 pub struct Proxy {
@@ -77,11 +77,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// the formatting machinery.
 fn hex_id(value: u128, digits: usize) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(digits);
-    for i in (0..digits).rev() {
-        s.push(char::from(HEX[((value >> (4 * i)) & 0xf) as usize]));
-    }
-    s
+    let digits: Vec<u8> = (0..digits).rev().map(|i| HEX[((value >> (4 * i)) & 0xf) as usize]).collect();
+    // ASCII by construction: the check is one pass over 32 bytes, not a push per character.
+    String::from_utf8(digits).unwrap_or_default()
 }
 
 /// Request metadata from `x-llmtap-*` headers and `traceparent`; the llmtap headers are
