@@ -266,7 +266,12 @@ def metric(p, name):
     return None
 
 
-def load(target_port, sc, path="/v1/chat/completions", arrivals="even", seed=1):
+# How open-loop requests are spread (llmtap-load --arrivals): one in each 1/rate slot at a
+# random point, which `even` spacing is not (see the docstring).
+ARRIVALS = "slotted"
+
+
+def load(target_port, sc, path="/v1/chat/completions", arrivals=ARRIVALS, seed=1):
     args = [os.path.join(REL, "llmtap-load"), "--url", f"http://127.0.0.1:{target_port}{path}", "--mode", sc["mode"],
             "--duration", str(sc["duration"])]
     if sc["mode"] == "open":
@@ -401,7 +406,7 @@ def main():
     ap.add_argument("--no-clickhouse", action="store_true", help="skip the llmtap+clickhouse target")
     ap.add_argument("--baseline", metavar="BINARY",
                     help="another llmtap binary (an earlier build, say) to run as target 'baseline' in every round")
-    ap.add_argument("--arrivals", choices=["even", "slotted", "poisson"], default="slotted",
+    ap.add_argument("--arrivals", choices=["even", "slotted", "poisson"], default=ARRIVALS,
                     help="open-loop schedule (llmtap-load --arrivals; default slotted: one request in each "
                          "1/rate slot at a random point); every target in a round gets the same one")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
