@@ -48,8 +48,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// LLM APIs send a few KiB).
 const MAX_HEAD: usize = 64 * 1024;
 
-/// Room made in the read buffer before each read.
+/// Size of a fresh read buffer.
 const READ_SIZE: usize = 8 * 1024;
+
+/// A read goes into the room left in the buffer while there is at least this much; below
+/// it the buffer is replaced with a fresh `READ_SIZE` one first.
+const MIN_READ_ROOM: usize = 1024;
 
 /// Why a request did not get a response head.
 #[derive(Debug, thiserror::Error)]
@@ -115,8 +119,15 @@ pub struct Conn {
 
 impl Conn {
     /// Reads what the socket has into the buffer: the count, 0 at the upstream's close.
+    ///
+    /// Each frame decoded from the buffer shares its allocation until the client has been
+    /// sent it, so the buffer cannot take its room back; asking for `READ_SIZE` before
+    /// every read allocated a new buffer per stream event. Reading into the room left
+    /// lets a stream's events share one allocation.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        self.buf.reserve(READ_SIZE);
+        if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
+            self.buf.reserve(READ_SIZE);
+        }
         let read = self.io.read_buf(&mut self.buf);
         std::pin::pin!(read).as_mut().poll(cx)
     }
@@ -520,6 +531,30 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[tokio::test]
+    async fn stream_events_read_one_at_a_time_share_one_buffer() {
+        static PIECES: &[&[u8]] = &[
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+            b"6\r\nsecond\r\n",
+            b"5\r\nthird\r\n0\r\n\r\n",
+        ];
+        let addr = answer_once(PIECES).await;
+        let pool = pool();
+        let (_, mut conn) = pool.send(request(&format!("http://{addr}/x"))).await.unwrap_or_else(|e| panic!("{e}"));
+        // Held, as hyper holds a frame until the client has been sent it.
+        let mut frames = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| conn.poll_frame(cx)).await {
+            frames.extend(frame.unwrap_or_else(|e| panic!("{e}")).into_data().ok());
+        }
+        let text: Vec<&[u8]> = frames.iter().map(|f| f.as_ref()).collect();
+        assert_eq!(text, [&b"first"[..], b"second", b"third"]);
+        // Each event arrived in a read of its own, 20 ms apart; each is read into the room
+        // after the one before, past its CRLF and the next size line.
+        let at = |i: usize| frames[i].as_ptr() as usize;
+        assert_eq!(at(1), at(0) + "first\r\n6\r\n".len());
+        assert_eq!(at(2), at(1) + "second\r\n5\r\n".len());
     }
 
     #[tokio::test]
