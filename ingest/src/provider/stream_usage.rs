@@ -7,6 +7,9 @@
 //! Events are released as soon as their terminating blank line arrives, so the only delay
 //! is the rest of an event that is split across frames.
 
+use std::ops::Range;
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
 
 /// Per-stream state: bytes of an event not yet terminated.
@@ -15,7 +18,13 @@ pub struct StreamUsageStripper {
     pending: BytesMut,
     /// A `\r` ended the last feed; a following `\n` belongs to the same line end.
     scan_from: usize,
+    /// Where the bytes to forward are written: each push's output is split off its front,
+    /// so a stream's events share an allocation of `OUT_BLOCK` bytes, not one each.
+    out: BytesMut,
 }
+
+/// Size of the output buffer a stream's events are written into.
+const OUT_BLOCK: usize = 1024;
 
 impl StreamUsageStripper {
     pub fn new() -> Self {
@@ -24,18 +33,36 @@ impl StreamUsageStripper {
 
     /// Takes a frame from upstream; returns the bytes to forward now (possibly empty).
     pub fn push(&mut self, frame: &[u8]) -> Bytes {
-        let mut out = BytesMut::with_capacity(frame.len());
+        // What was split off before is usually sent and dropped by now, and the room is
+        // taken back without an allocation.
+        if self.out.capacity() < frame.len() {
+            self.out.reserve(frame.len().max(OUT_BLOCK));
+        }
+        let out = &mut self.out;
         if self.pending.is_empty() {
             // Nothing held over (the usual case: one or more whole events per frame): read
             // the events straight from the frame and keep only an unfinished tail.
             let mut at = 0;
-            while let Some(end) = event_end(&frame[at..], 0) {
-                rewrite_event(&frame[at..at + end], &mut out);
+            while at < frame.len() {
+                let rest = &frame[at..];
+                let end = match one_line_data_event(rest) {
+                    Some((end, data)) => {
+                        rewrite_data(&rest[..end], data, out);
+                        end
+                    }
+                    None => match event_end(rest, 0) {
+                        Some(end) => {
+                            rewrite_event(&rest[..end], out);
+                            end
+                        }
+                        None => break,
+                    },
+                };
                 at += end;
             }
             self.pending.extend_from_slice(&frame[at..]);
             self.scan_from = self.pending.len().saturating_sub(3);
-            return out.freeze();
+            return out.split().freeze();
         }
         self.pending.extend_from_slice(frame);
         loop {
@@ -45,9 +72,9 @@ impl StreamUsageStripper {
             };
             let event = self.pending.split_to(end);
             self.scan_from = 0;
-            rewrite_event(&event, &mut out);
+            rewrite_event(&event, out);
         }
-        out.freeze()
+        out.split().freeze()
     }
 
     /// The stream ended: whatever is buffered goes out unchanged.
@@ -133,18 +160,37 @@ fn rewrite_event(event: &[u8], out: &mut BytesMut) {
         }
         pos += line.len();
     }
-    let Some((start, end)) = data_line else {
-        out.extend_from_slice(event);
-        return;
-    };
-    let data = &event[start..end];
-    if is_usage_only_chunk(data) {
-        return;
+    match data_line {
+        Some((start, end)) => rewrite_data(event, start..end, out),
+        None => out.extend_from_slice(event),
     }
-    match usage_null_at_end(data).or_else(|| find_usage_null(data)) {
+}
+
+/// The end of the event that starts `buf` and its payload's span, when the event is one
+/// `data:` line ended by `\n\n`, as OpenAI sends every event: `rewrite_event` would find
+/// the same payload, without scanning the event twice.
+fn one_line_data_event(buf: &[u8]) -> Option<(usize, Range<usize>)> {
+    let rest = buf.strip_prefix(b"data:")?;
+    let start = 5 + usize::from(rest.first() == Some(&b' '));
+    let end = start + memchr::memchr2(b'\n', b'\r', &buf[start..])?;
+    (buf.get(end..end + 2) == Some(b"\n\n")).then_some((end + 2, start..end))
+}
+
+/// Writes `event`, whose `data` span is the payload, to `out` without the injected parts.
+fn rewrite_data(event: &[u8], data: Range<usize>, out: &mut BytesMut) {
+    let payload = &event[data.clone()];
+    // A payload ending in `,"usage":null}` is not the usage chunk, whose usage is an
+    // object (or, with the member twice, is not one serde reads): the usual content chunk
+    // is settled without looking for an empty array.
+    let found = match usage_null_at_end(payload) {
+        Some(span) => Some(span),
+        None if is_usage_only_chunk(payload) => return,
+        None => find_usage_null(payload),
+    };
+    match found {
         Some((a, b)) => {
-            out.extend_from_slice(&event[..start + a]);
-            out.extend_from_slice(&event[start + b..]);
+            out.extend_from_slice(&event[..data.start + a]);
+            out.extend_from_slice(&event[data.start + b..]);
         }
         None => out.extend_from_slice(event),
     }
@@ -184,14 +230,59 @@ fn has_empty_array(data: &[u8]) -> bool {
     false
 }
 
-/// The span of `,"usage":null` when it is the object's last member, as OpenAI sends it,
-/// found without scanning the event. In JSON that parses, a `}` that ends the data closes
-/// the top-level object, and a member right before it, opened by an unescaped quote right
-/// after a comma, is one of the object's own: `find_usage_null` finds the same span, but
-/// only by walking the whole event.
+/// The span of `,"usage":null` when nothing but members with plain scalar values follows
+/// it to the end of the data, as OpenAI sends it (last, or before `"obfuscation":"…"`),
+/// found without walking the event. In JSON that parses:
+/// - a quote right after a comma opens a key: inside a string it would close the string,
+///   and `usage"` cannot follow one;
+/// - the `}` that ends the data closes the top-level object, and with no bracket between
+///   the member and it (the members after have no escapes, so their quotes are found for
+///   sure), the member is one of that object's own.
+///
+/// `find_usage_null` finds the same span, but only by walking the whole event.
 fn usage_null_at_end(data: &[u8]) -> Option<(usize, usize)> {
-    const TAIL: &[u8] = b",\"usage\":null}";
-    (data.first() == Some(&b'{') && data.ends_with(TAIL)).then(|| (data.len() - TAIL.len(), data.len() - 1))
+    const NEEDLE: &[u8] = b",\"usage\":null";
+    static FINDER: LazyLock<memchr::memmem::FinderRev<'static>> =
+        LazyLock::new(|| memchr::memmem::FinderRev::new(NEEDLE));
+    let inner = data.strip_prefix(b"{")?.strip_suffix(b"}")?;
+    let at = match inner.ends_with(NEEDLE) {
+        true => inner.len() - NEEDLE.len(),
+        false => FINDER.rfind(inner)?,
+    };
+    let after = at + NEEDLE.len();
+    scalar_members(&inner[after..]).then_some((at + 1, after + 1))
+}
+
+/// Whether `s` is only `,"key":value` members, each key a string without escapes and each
+/// value one too, or a bare token (`null`, `true`, `false`, a number).
+fn scalar_members(mut s: &[u8]) -> bool {
+    /// The length of a string without escapes at the start of `s`, quotes included.
+    fn plain_string(s: &[u8]) -> Option<usize> {
+        let rest = s.strip_prefix(b"\"")?;
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
+        (rest[end] == b'"').then_some(end + 2)
+    }
+    while !s.is_empty() {
+        let Some(key) = s.strip_prefix(b",").and_then(plain_string) else {
+            return false;
+        };
+        let Some(value) = s[1 + key..].strip_prefix(b":") else {
+            return false;
+        };
+        let len = match plain_string(value) {
+            Some(n) => n,
+            None => {
+                let n =
+                    value.iter().take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.')).count();
+                if n == 0 {
+                    return false;
+                }
+                n
+            }
+        };
+        s = &value[len..];
+    }
+    true
 }
 
 /// Span of the top-level `"usage":null` member including one adjoining comma.
@@ -403,7 +494,7 @@ data: [DONE]\n\n";
     #[test]
     fn the_tail_shortcut_finds_what_the_scan_finds_in_json_that_parses() {
         let mut rng = fastrand::Rng::with_seed(11);
-        let mut shortcuts = 0;
+        let (mut shortcuts, mut followed) = (0, 0);
         for _ in 0..20_000 {
             let mut data = b"{".to_vec();
             for i in 0..rng.usize(0..4) {
@@ -412,7 +503,16 @@ data: [DONE]\n\n";
                 data.push(b',');
             }
             match rng.usize(0..3) {
-                0 => data.extend_from_slice(b"\"usage\":null}"),
+                0 => {
+                    data.extend_from_slice(b"\"usage\":null");
+                    // OpenAI's `obfuscation` and other scalar members may follow.
+                    for _ in 0..rng.usize(0..3) {
+                        let value =
+                            ["\"9sX}B]\"", "null", "-1.5e3", "true", "\"\\\"usage\\\":null}\""][rng.usize(0..5)];
+                        data.extend_from_slice(format!(",\"o{}\":{value}", rng.u8(..)).as_bytes());
+                    }
+                    data.push(b'}');
+                }
                 1 => data.extend_from_slice(b"\"usage\":{\"n\":1}}"),
                 _ => {
                     data.pop_if(|b| *b == b',');
@@ -422,22 +522,115 @@ data: [DONE]\n\n";
             assert!(serde_json::from_slice::<serde_json::Value>(&data).is_ok(), "{}", String::from_utf8_lossy(&data));
             if let Some(span) = usage_null_at_end(&data) {
                 shortcuts += 1;
-                assert_eq!(Some(span), find_usage_null(&data), "{}", String::from_utf8_lossy(&data));
+                followed += usize::from(span.1 + 1 < data.len());
+                // The member with the comma before it or the one after: the same bytes out.
+                let without = |(a, b): (usize, usize)| [&data[..a], &data[b..]].concat();
+                let scanned = find_usage_null(&data).map(without);
+                assert_eq!(Some(without(span)), scanned, "{}", String::from_utf8_lossy(&data));
             }
         }
-        assert!(shortcuts > 5_000, "the shortcut was taken {shortcuts} times");
+        assert!(
+            shortcuts > 3_000 && followed > 1_000,
+            "the shortcut was taken {shortcuts} times, {followed} before other members"
+        );
     }
 
     #[test]
-    fn the_tail_shortcut_leaves_what_is_not_the_last_member_alone() {
+    fn the_tail_shortcut_leaves_what_is_not_a_top_level_member_before_plain_ones_alone() {
         for data in [
             &br#"{"a":{"b":1,"usage":null}}"#[..],
+            br#"{"a":{"b":1,"usage":null,"o":"x"}}"#,
+            br#"{"a":[{"x":2,"usage":null,"o":1}],"o":"x"}"#,
+            br#"{"a":1,"usage":null,"o":"a\"b"}"#,
+            br#"{"a":1,"usage":null,"o":{}}"#,
+            br#"{"a":1,"usage":null,"o":}"#,
             br#"{"a":"x,\"usage\":null}"}"#,
             br#"{"usage":null}"#,
             br#"[1,"usage":null}"#,
         ] {
             assert_eq!(usage_null_at_end(data), None, "{}", String::from_utf8_lossy(data));
         }
+    }
+
+    /// `rewrite_event` as it was before `one_line_data_event` and the `usage_null_at_end`
+    /// shortcut ahead of the usage-chunk check: lines walked one by one, the usage chunk
+    /// looked for first.
+    fn rewrite_event_reference(event: &[u8]) -> Vec<u8> {
+        let lines: Vec<&[u8]> = event.split_inclusive(|&b| b == b'\n' || b == b'\r').collect();
+        let mut data = None;
+        let mut pos = 0;
+        for line in &lines {
+            if let Some(rest) = line.strip_prefix(b"data:") {
+                if data.is_some() {
+                    return event.to_vec();
+                }
+                let start = pos + 5 + usize::from(rest.first() == Some(&b' '));
+                let end = pos + line.len() - line.iter().rev().take_while(|b| matches!(b, b'\n' | b'\r')).count();
+                data = Some((start, end));
+            }
+            pos += line.len();
+        }
+        let Some((start, end)) = data else { return event.to_vec() };
+        let payload = &event[start..end];
+        if is_usage_only_chunk(payload) {
+            return Vec::new();
+        }
+        match usage_null_at_end(payload).or_else(|| find_usage_null(payload)) {
+            Some((a, b)) => [&event[..start + a], &event[start + b..]].concat(),
+            None => event.to_vec(),
+        }
+    }
+
+    #[test]
+    fn the_one_line_fast_path_rewrites_as_the_reference_does() {
+        const PIECES: &[&str] = &[
+            "\"choices\":[]",
+            "\"choices\":[{\"delta\":{\"content\":\"[]\"}}]",
+            "\"usage\":null",
+            "\"usage\":{\"total_tokens\":5}",
+            "\"x\":\"\\\"usage\\\":null}\"",
+            "\"id\":\"c\"",
+        ];
+        let mut rng = fastrand::Rng::with_seed(5);
+        let (mut fast, mut stripped) = (0, 0);
+        for _ in 0..20_000 {
+            let members: Vec<&str> = (0..rng.usize(0..4)).map(|_| PIECES[rng.usize(0..PIECES.len())]).collect();
+            let mut payload = format!("{{{}}}", members.join(","));
+            if rng.u8(..) < 20 {
+                payload.truncate(rng.usize(0..=payload.len()));
+            }
+            let sep = ["data: ", "data:", "event: x\ndata: "][rng.usize(0..3)];
+            let end = ["\n\n", "\r\n\r\n", "\n\r\n"][rng.usize(0..3)];
+            let event = format!("{sep}{payload}{end}");
+            let event = event.as_bytes();
+            let mut out = BytesMut::new();
+            match one_line_data_event(event) {
+                Some((len, data)) => {
+                    assert_eq!(Some(len), event_end(event, 0), "{event:?}");
+                    rewrite_data(event, data, &mut out);
+                    fast += 1;
+                }
+                None => rewrite_event(event, &mut out),
+            }
+            let want = rewrite_event_reference(event);
+            stripped += usize::from(want != event);
+            assert_eq!(out, want, "{}", String::from_utf8_lossy(event));
+        }
+        assert!(fast > 3_000 && stripped > 3_000, "the cases cover both paths: {fast} fast, {stripped} changed");
+    }
+
+    #[test]
+    fn a_streams_events_share_one_output_buffer() {
+        let mut s = StreamUsageStripper::new();
+        let event = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        // Held, as hyper holds each until the client has been sent it.
+        let outs: Vec<Bytes> = (0..3).map(|_| s.push(event)).collect();
+        let want = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        for out in &outs {
+            assert_eq!(out.as_ref(), want);
+        }
+        assert_eq!(outs[1].as_ptr() as usize, outs[0].as_ptr() as usize + want.len());
+        assert_eq!(outs[2].as_ptr() as usize, outs[1].as_ptr() as usize + want.len());
     }
 
     #[test]
