@@ -219,6 +219,9 @@ impl OpenStreams {
 
 /// Feeds an adapter frame by frame; the arrival of the frame that completes the first event
 /// with model content is the time to first token.
+/// Stamps room is made for at the start of each piece: a piece's worth of 256-byte frames.
+const PIECE_STAMPS: usize = 16;
+
 fn parse_frames(adapter: &mut Adapter, bytes: &[u8], stamps: &[Stamp], first_token_at: &mut Option<Duration>) {
     let mut from = 0;
     for &(end, at) in stamps {
@@ -397,6 +400,8 @@ impl Exchange {
         }
         if self.unparsed.capacity() == 0 {
             self.unparsed.reserve_exact(self.stream_piece.max(data.len()));
+            // A stamp per frame, and a stream's frames are a few hundred bytes each.
+            self.stamps.reserve(PIECE_STAMPS);
         }
         self.unparsed.extend_from_slice(data);
         self.stamps.push((self.unparsed.len() as u32, at));
