@@ -25,7 +25,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -140,26 +140,29 @@ impl Conn {
     /// then `None` at its end.
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         loop {
-            let Some(decoder) = self.decoder.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match decoder.decode(&mut self.buf) {
-                Ok(Some(Decoded::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                Ok(Some(Decoded::End(trailers))) => return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
-                Ok(None) if self.eof => {
-                    return match decoder.eof() {
-                        Ok(_) => Poll::Ready(None),
-                        Err(e) => Poll::Ready(Some(Err(BodyError::Protocol(e)))),
-                    }
-                }
-                Ok(None) => match self.poll_fill(cx) {
-                    Poll::Ready(Ok(0)) => self.eof = true,
-                    Poll::Ready(Ok(_)) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(BodyError::Io(e)))),
-                    Poll::Pending => return Poll::Pending,
-                },
-                Err(e) => return Poll::Ready(Some(Err(BodyError::Protocol(e)))),
+            if let Some(next) = self.decode_buffered() {
+                return Poll::Ready(next);
             }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(BodyError::Io(e)))),
+            }
+        }
+    }
+
+    /// What `poll_frame` would return, when the bytes already read decide it: `None` when
+    /// a read is needed first. Reads nothing, so registers for no wake-up either.
+    pub fn decode_buffered(&mut self) -> Option<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Some(decoder) = self.decoder.as_mut() else {
+            return Some(None);
+        };
+        match decoder.decode(&mut self.buf) {
+            Ok(Some(Decoded::Data(data))) => Some(Some(Ok(Frame::data(data)))),
+            Ok(Some(Decoded::End(trailers))) => Some(trailers.map(|t| Ok(Frame::trailers(t)))),
+            Ok(None) if self.eof => Some(decoder.eof().err().map(|e| Err(BodyError::Protocol(e)))),
+            Ok(None) => None,
+            Err(e) => Some(Some(Err(BodyError::Protocol(e)))),
         }
     }
 

@@ -109,6 +109,17 @@ impl UpstreamBody {
         }
     }
 
+    /// For a driven body, the next frame when the bytes already read hold it (or the end,
+    /// or an error): `None` when it takes a read, which only `poll_frame` does. Never
+    /// registers for a wake-up, so `None` is no reason to return `Pending`.
+    pub fn buffered_frame(&mut self) -> Option<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Source::Pooled(c) => c.decode_buffered().map(|f| f.map(|r| r.map_err(Into::into))),
+            Source::Shared(_) => None,
+            Source::Released => Some(None),
+        }
+    }
+
     pub fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Source::Pooled(c) => c.size_hint(),
