@@ -164,8 +164,8 @@ impl TapBody {
     /// to let it decode, so the batch is gathered at once. Only the first frame may take a
     /// socket read; those behind it come from what that read brought. Polling the socket
     /// again would find it empty almost always, and register a wake-up that hyper's next
-    /// poll registers anyway (~450 instructions per frame); hyper polls again at once
-    /// after a frame, and that poll reads whatever else has arrived.
+    /// poll registers anyway: hyper polls again at once after a frame, and that poll reads
+    /// whatever else has arrived.
     fn poll_driven(&mut self, cx: &mut Context<'_>) -> Poll<Option<UpstreamFrame>> {
         if self.early.is_empty() && !self.upstream_ended {
             // `None` when there is nothing to take without waiting; `Some(None)` at the end.
