@@ -179,9 +179,9 @@ fn one_line_data_event(buf: &[u8]) -> Option<(usize, Range<usize>)> {
 /// Writes `event`, whose `data` span is the payload, to `out` without the injected parts.
 fn rewrite_data(event: &[u8], data: Range<usize>, out: &mut BytesMut) {
     let payload = &event[data.clone()];
-    // A payload ending in `,"usage":null}` is not the usage chunk, whose usage is an
-    // object (or, with the member twice, is not one serde reads): the usual content chunk
-    // is settled without looking for an empty array.
+    // A payload whose top-level usage the shortcut found null is not the usage chunk,
+    // whose usage is an object (with the member twice, serde reads no usage chunk either):
+    // the usual content chunk is settled without looking for an empty array.
     let found = match usage_null_at_end(payload) {
         Some(span) => Some(span),
         None if is_usage_only_chunk(payload) => return,
