@@ -149,8 +149,8 @@ fn rewrite_event(event: &[u8], out: &mut BytesMut) {
     let mut data_line: Option<(usize, usize)> = None;
     let mut pos = 0;
     for line in lines_inclusive(event) {
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            let start = pos + 5 + usize::from(rest.first() == Some(&b' '));
+        if let Some(value) = data_value_at(line) {
+            let start = pos + value;
             let end = pos + line.len() - line.iter().rev().take_while(|b| **b == b'\n' || **b == b'\r').count();
             if data_line.is_some() {
                 out.extend_from_slice(event); // multi-line data: not OpenAI's shape, leave it
@@ -166,12 +166,17 @@ fn rewrite_event(event: &[u8], out: &mut BytesMut) {
     }
 }
 
+/// Where the value of a `data:` field line starts (after one optional space), if `line` is one.
+fn data_value_at(line: &[u8]) -> Option<usize> {
+    let rest = line.strip_prefix(b"data:")?;
+    Some(5 + usize::from(rest.first() == Some(&b' ')))
+}
+
 /// The end of the event that starts `buf` and its payload's span, when the event is one
 /// `data:` line ended by `\n\n`, as OpenAI sends every event: `rewrite_event` would find
 /// the same payload, without scanning the event twice.
 fn one_line_data_event(buf: &[u8]) -> Option<(usize, Range<usize>)> {
-    let rest = buf.strip_prefix(b"data:")?;
-    let start = 5 + usize::from(rest.first() == Some(&b' '));
+    let start = data_value_at(buf)?;
     let end = start + memchr::memchr2(b'\n', b'\r', &buf[start..])?;
     (buf.get(end..end + 2) == Some(b"\n\n")).then_some((end + 2, start..end))
 }
