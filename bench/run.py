@@ -17,6 +17,12 @@ of its own and the load generator, the mock and the ClickHouse engine on core 0
 own in production; sharing two cores with the load generator measured the load generator's
 interference more than the proxy.
 
+Open-loop scenarios: direct, nginx and llmtap take turns of one second within a single load
+run (`llmtap-load` with several `--url`s), until each has had the scenario's duration; the
+ClickHouse target runs on its own after them. Measured one after another, ten seconds apart,
+two targets met different machines (the host's and the load core's background moved a p99
+by half from one ten seconds to the next); turns spread that over all of them alike.
+
 Open-loop requests come one in each 1/rate slot, at a random point of it, from a schedule
 seeded with the run's number, so every target in a round gets the same one (`--arrivals`;
 `even`, exactly 1/rate apart, phase-locks with the mock's millisecond timer ticks: each run's
@@ -271,9 +277,21 @@ def metric(p, name):
 ARRIVALS = "slotted"
 
 
+# Open-loop targets take turns of this many seconds within one llmtap-load run (see the
+# README: targets measured 10 s apart meet different machines).
+SLICE = 1.0
+
+
 def load(target_port, sc, path="/v1/chat/completions", arrivals=ARRIVALS, seed=1):
-    args = [os.path.join(REL, "llmtap-load"), "--url", f"http://127.0.0.1:{target_port}{path}", "--mode", sc["mode"],
-            "--duration", str(sc["duration"])]
+    """One llmtap-load run against one port, or, given a list of ports (open loop), against
+    each in turns of SLICE seconds: then a list of reports, in the order of the ports."""
+    ports = target_port if isinstance(target_port, list) else [target_port]
+    args = [os.path.join(REL, "llmtap-load")]
+    for port in ports:
+        args += ["--url", f"http://127.0.0.1:{port}{path}"]
+    args += ["--mode", sc["mode"], "--duration", str(sc["duration"])]
+    if len(ports) > 1:
+        args += ["--slice", str(SLICE)]
     if sc["mode"] == "open":
         args += ["--rate", str(sc["rate"]), "--arrivals", arrivals, "--seed", str(seed)]
     else:
@@ -282,8 +300,9 @@ def load(target_port, sc, path="/v1/chat/completions", arrivals=ARRIVALS, seed=1
         args += ["--body", '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello."}]}']
     for h in sc.get("headers", []):
         args += ["--header", h]
-    out = subprocess.run(args, capture_output=True, text=True, check=True, preexec_fn=pinned(LOAD_CPUS)).stdout
-    return json.loads(out)
+    out = json.loads(subprocess.run(args, capture_output=True, text=True, check=True,
+                                    preexec_fn=pinned(LOAD_CPUS)).stdout)
+    return out["targets"] if isinstance(target_port, list) else out
 
 
 def scenarios(quick):
@@ -441,35 +460,51 @@ def main():
         for run in range(1, args.runs + 1):
             order = targets if run % 2 else list(reversed(targets))
             round_rows = {}
-            for name, proc in order:
-                engine = chdb if chdb and name == "llmtap+clickhouse" else None
+            # Open loop: direct, nginx and llmtap take turns within one load run; the
+            # ClickHouse target runs on its own, so the engine's inserts (on the load side's
+            # core) stay out of the others' turns.
+            if sc["mode"] == "open":
+                groups = [[t for t in order if t[0] != "llmtap+clickhouse"]]
+                groups += [[t] for t in order if t[0] == "llmtap+clickhouse"]
+            else:
+                groups = [[t] for t in order]
+            for group in groups:
+                engine = chdb if chdb and any(name == "llmtap+clickhouse" for name, _ in group) else None
                 engine_before = cpu_ticks(engine.pids()) if engine else 0
-                before, threads_before = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
+                before = {name: (cpu_ticks(proc.pids()), thread_ticks(proc.pids())) for name, proc in group}
                 steal_before = steal_ticks(PROXY_CPUS), steal_ticks(LOAD_CPUS)
-                r = load(proc.port, sc, arrivals=args.arrivals, seed=run)
+                if len(group) > 1:
+                    reports = load([proc.port for _, proc in group], sc, arrivals=args.arrivals, seed=run)
+                else:
+                    reports = [load(group[0][1].port, sc, arrivals=args.arrivals, seed=run)]
                 steal_after = steal_ticks(PROXY_CPUS), steal_ticks(LOAD_CPUS)
-                after, threads_after = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
                 engine_after = cpu_ticks(engine.pids()) if engine else 0
-                row = {"scenario": sc["name"], "run": run, "target": name, **r}
-                per_req = lambda ticks: ticks / CLK * 1e6 / max(r["requests"], 1)
-                row["cpu_us_per_req"] = None if name == "direct" else per_req(after - before)
-                # A virtual machine's cores can be taken away by the host for 100 ms at a
-                # time: such a run's tail is the host's, whatever the target.
-                row["steal_ms"] = {"proxy_cores": (steal_after[0] - steal_before[0]) * 1000 / CLK,
-                                   "load_cores": (steal_after[1] - steal_before[1]) * 1000 / CLK}
-                if name.startswith("llmtap") or name == "baseline":
-                    row["cpu_us_per_req_by_thread"] = {
-                        t: per_req(v - threads_before.get(t, 0)) for t, v in sorted(threads_after.items())
-                        if v - threads_before.get(t, 0) > 0}
-                if engine:
-                    # The test engine shares the machine's 2 cores; its inserts are part of
-                    # what this target's tail latency pays for.
-                    row["cpu_us_per_req_by_thread"]["(clickhouse engine process)"] = per_req(engine_after - engine_before)
-                if name.startswith("llmtap") or name == "baseline":
-                    row["records_dropped"] = metric(proc, "llmtap_trace_log_records_dropped_total")
-                round_rows[name] = row
-                print(f"  {sc['name']:<22} run {run} {name:<18} {r['achieved_rate']:>8.0f}/s errors {r['errors']:<5} "
-                      f"ttfb p50 {r['ttfb_ms']['p50']:.3f} p99 {r['ttfb_ms']['p99']:.3f} ms", file=sys.stderr)
+                for (name, proc), r in zip(group, reports):
+                    r.pop("url", None)
+                    after, threads_after = cpu_ticks(proc.pids()), thread_ticks(proc.pids())
+                    ticks_before, threads_before = before[name]
+                    row = {"scenario": sc["name"], "run": run, "target": name, **r}
+                    per_req = lambda ticks, n=max(r["requests"], 1): ticks / CLK * 1e6 / n
+                    # With turns, a target's CPU includes its idle time in the others' turns.
+                    row["cpu_us_per_req"] = None if name == "direct" else per_req(after - ticks_before)
+                    # A virtual machine's cores can be taken away by the host for 100 ms at a
+                    # time: such a run's tail is the host's, whatever the target. With turns,
+                    # every target of the load run shares the run's steal.
+                    row["steal_ms"] = {"proxy_cores": (steal_after[0] - steal_before[0]) * 1000 / CLK,
+                                       "load_cores": (steal_after[1] - steal_before[1]) * 1000 / CLK}
+                    if name.startswith("llmtap") or name == "baseline":
+                        row["cpu_us_per_req_by_thread"] = {
+                            t: per_req(v - threads_before.get(t, 0)) for t, v in sorted(threads_after.items())
+                            if v - threads_before.get(t, 0) > 0}
+                    if engine and name == "llmtap+clickhouse":
+                        # The test engine shares the machine's 2 cores; its inserts are part of
+                        # what this target's tail latency pays for.
+                        row["cpu_us_per_req_by_thread"]["(clickhouse engine process)"] = per_req(engine_after - engine_before)
+                    if name.startswith("llmtap") or name == "baseline":
+                        row["records_dropped"] = metric(proc, "llmtap_trace_log_records_dropped_total")
+                    round_rows[name] = row
+                    print(f"  {sc['name']:<22} run {run} {name:<18} {r['achieved_rate']:>8.0f}/s errors {r['errors']:<5} "
+                          f"ttfb p50 {r['ttfb_ms']['p50']:.3f} p99 {r['ttfb_ms']['p99']:.3f} ms", file=sys.stderr)
                 time.sleep(1)
             direct = round_rows["direct"]
             for name, row in round_rows.items():

@@ -11,6 +11,12 @@
 //!
 //! Reports JSON on stdout: achieved rate, errors, and p50/p90/p99/p99.9/max of time to the
 //! first body byte (TTFT for streams: the first SSE frame) and of total time, in ms.
+//!
+//! Several `--url`s (open mode) take turns: each gets `--slice` seconds at the rate, one
+//! after another, until each has had `--duration`, and each gets a report of its own. Two
+//! targets measured ten seconds apart meet different machines: on shared cores the
+//! background (the host, the load generator's own core) moves a p99 by half from one ten
+//! seconds to the next. Turns of a second spread that over every target alike.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,8 +74,9 @@ fn schedule(arrivals: Arrivals, rate: f64, duration: f64, seed: u64) -> Vec<Dura
 #[derive(Parser)]
 #[command(name = "llmtap-load", about = "Open- and closed-loop HTTP load for llmtap benchmarks")]
 struct Args {
-    #[arg(long)]
-    url: String,
+    /// Target; several (open mode) take turns.
+    #[arg(long, required = true)]
+    url: Vec<String>,
     #[arg(long, value_enum, default_value_t = Mode::Open)]
     mode: Mode,
     /// Requests per second (open).
@@ -96,9 +103,34 @@ struct Args {
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
     /// Also write every completed request as a line `<scheduled µs after start> <ttfb µs>
-    /// <total µs>` to this file, to see when the slow ones happened.
+    /// <total µs>` to this file, to see when the slow ones happened; with several `--url`s
+    /// each line starts with the target's index (0 for the first `--url`).
     #[arg(long)]
     samples: Option<std::path::PathBuf>,
+    /// With several `--url`s: seconds of one turn.
+    #[arg(long, default_value_t = 1.0)]
+    slice: f64,
+    /// With several `--url`s: seconds of quiet after a turn's last response, before the
+    /// next turn, so a proxy's background threads (recording the calls of its turn) are
+    /// done before the next target's requests.
+    #[arg(long, default_value_t = 0.1)]
+    settle: f64,
+}
+
+/// The turns of a run with `targets` targets: (target, seconds, seed), in order. Each
+/// target gets `duration` seconds in turns of `slice` (the last one shorter when `slice`
+/// does not divide it). Round k's turns share one schedule seed, so every target gets the
+/// same requests at the same offsets, and start one target later than round k - 1's, so
+/// no target always follows the same one.
+fn turns(targets: usize, duration: f64, slice: f64, seed: u64) -> Vec<(usize, f64, u64)> {
+    let rounds = ((duration / slice) - 1e-9).ceil().max(1.0) as usize;
+    let mut out = Vec::with_capacity(rounds * targets);
+    for k in 0..rounds {
+        let len = if k + 1 == rounds { duration - slice * k as f64 } else { slice };
+        let round_seed = seed.wrapping_mul(1_000_003).wrapping_add(k as u64);
+        out.extend((0..targets).map(|i| ((i + k) % targets, len, round_seed)));
+    }
+    out
 }
 
 struct Stats {
@@ -107,14 +139,16 @@ struct Stats {
     ok: AtomicU64,
     errors: AtomicU64,
     start: Instant,
+    /// Microseconds this target's turns took (several targets).
+    busy_us: AtomicU64,
     /// (scheduled, ttfb, total) in µs, when `--samples` asked for them.
     samples: Option<Mutex<Vec<(u64, u64, u64)>>>,
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-async fn one(client: &HttpClient, args: &Args, scheduled: Instant, stats: &Stats) {
-    let mut req = http::Request::post(&args.url).header("content-type", "application/json");
+async fn one(client: &HttpClient, args: &Args, url: &str, scheduled: Instant, stats: &Stats) {
+    let mut req = http::Request::post(url).header("content-type", "application/json");
     for h in &args.headers {
         if let Some((k, v)) = h.split_once(':') {
             req = req.header(k.trim(), v.trim());
@@ -167,8 +201,44 @@ fn summary(h: &Histogram<u64>) -> serde_json::Value {
     })
 }
 
+fn new_stats(start: Instant, samples: bool) -> anyhow::Result<Arc<Stats>> {
+    Ok(Arc::new(Stats {
+        ttfb: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
+        total: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
+        ok: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        start,
+        busy_us: AtomicU64::new(0),
+        samples: samples.then(|| Mutex::new(Vec::new())),
+    }))
+}
+
+/// A target's report: `seconds` is the run's wall time, or with several targets the time
+/// of this one's turns.
+fn report(args: &Args, stats: &Stats, seconds: f64) -> anyhow::Result<serde_json::Value> {
+    let ok = stats.ok.load(Ordering::Relaxed);
+    let errors = stats.errors.load(Ordering::Relaxed);
+    let poisoned = || anyhow::anyhow!("poisoned");
+    Ok(serde_json::json!({
+        "requests": ok + errors, "ok": ok, "errors": errors, "seconds": seconds,
+        "achieved_rate": ok as f64 / (if args.mode == Mode::Open { args.duration.max(seconds.min(args.duration)) } else { seconds }),
+        "ttfb_ms": summary(&*stats.ttfb.lock().map_err(|_| poisoned())?),
+        "total_ms": summary(&*stats.total.lock().map_err(|_| poisoned())?),
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
+    let several = args.url.len() > 1;
+    if several && args.mode != Mode::Open {
+        anyhow::bail!("--url given {} times: targets take turns in --mode open only", args.url.len());
+    }
+    if several && !(args.slice > 0.0 && args.slice.is_finite()) {
+        anyhow::bail!("--slice {}: must be a positive number of seconds", args.slice);
+    }
+    if !(args.settle >= 0.0 && args.settle.is_finite()) {
+        anyhow::bail!("--settle {}: must be zero or a positive number of seconds", args.settle);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let client: HttpClient = Client::builder(TokioExecutor::new())
@@ -177,30 +247,42 @@ fn main() -> anyhow::Result<()> {
             .pool_timer(TokioTimer::new())
             .build_http();
         let start = Instant::now();
-        let stats = Arc::new(Stats {
-            ttfb: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
-            total: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3)?),
-            ok: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            start,
-            samples: args.samples.as_ref().map(|_| Mutex::new(Vec::new())),
-        });
+        let stats: Vec<Arc<Stats>> =
+            args.url.iter().map(|_| new_stats(start, args.samples.is_some())).collect::<anyhow::Result<_>>()?;
         let run_for = Duration::from_secs_f64(args.duration);
         let mut tasks = Vec::new();
         match args.mode {
             Mode::Open => {
                 // The pacer is a plain thread: tokio's timers fire on whole milliseconds, which
                 // would add up to a millisecond of sender lateness to every measurement.
-                let due_at = schedule(args.arrivals, args.rate, args.duration, args.seed);
+                let plan = if several {
+                    turns(args.url.len(), args.duration, args.slice, args.seed)
+                } else {
+                    vec![(0, args.duration, args.seed)]
+                };
                 let handle = tokio::runtime::Handle::current();
                 let (c, a, s) = (client.clone(), args.clone(), stats.clone());
                 let pacer = std::thread::spawn(move || {
-                    let mut tasks = Vec::with_capacity(due_at.len());
-                    for offset in due_at {
-                        let due = start + offset;
-                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-                        let (c, a, s) = (c.clone(), a.clone(), s.clone());
-                        tasks.push(handle.spawn(async move { one(&c, &a, due, &s).await }));
+                    let mut tasks = Vec::new();
+                    for (target, seconds, seed) in plan {
+                        let begin = if several { Instant::now() } else { start };
+                        let mut turn = Vec::new();
+                        for offset in schedule(a.arrivals, a.rate, seconds, seed) {
+                            let due = begin + offset;
+                            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                            let (c, a, s) = (c.clone(), a.clone(), s[target].clone());
+                            turn.push(handle.spawn(async move { one(&c, &a, &a.url[target], due, &s).await }));
+                        }
+                        if several {
+                            // The next turn starts once this one's responses are all in.
+                            for t in turn {
+                                let _ = handle.block_on(t);
+                            }
+                            s[target].busy_us.fetch_add(begin.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_secs_f64(a.settle));
+                        } else {
+                            tasks.extend(turn);
+                        }
                     }
                     tasks
                 });
@@ -210,18 +292,18 @@ fn main() -> anyhow::Result<()> {
             }
             Mode::Closed => {
                 for _ in 0..args.connections {
-                    let (c, a, s) = (client.clone(), args.clone(), stats.clone());
+                    let (c, a, s) = (client.clone(), args.clone(), stats[0].clone());
                     tasks.push(tokio::spawn(async move {
                         while start.elapsed() < run_for {
-                            one(&c, &a, Instant::now(), &s).await;
+                            one(&c, &a, &a.url[0], Instant::now(), &s).await;
                         }
                     }));
                 }
             }
             Mode::Streams => {
                 for _ in 0..args.connections {
-                    let (c, a, s) = (client.clone(), args.clone(), stats.clone());
-                    tasks.push(tokio::spawn(async move { one(&c, &a, Instant::now(), &s).await }));
+                    let (c, a, s) = (client.clone(), args.clone(), stats[0].clone());
+                    tasks.push(tokio::spawn(async move { one(&c, &a, &a.url[0], Instant::now(), &s).await }));
                 }
             }
         }
@@ -229,17 +311,29 @@ fn main() -> anyhow::Result<()> {
             let _ = t.await;
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let ok = stats.ok.load(Ordering::Relaxed);
-        let errors = stats.errors.load(Ordering::Relaxed);
-        let out = serde_json::json!({
-            "requests": ok + errors, "ok": ok, "errors": errors, "seconds": elapsed,
-            "achieved_rate": ok as f64 / (if args.mode == Mode::Open { args.duration.max(elapsed.min(args.duration)) } else { elapsed }),
-            "ttfb_ms": summary(&*stats.ttfb.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
-            "total_ms": summary(&*stats.total.lock().map_err(|_| anyhow::anyhow!("poisoned"))?),
-        });
-        if let (Some(path), Some(Ok(mut v))) = (&args.samples, stats.samples.as_ref().map(Mutex::lock)) {
-            v.sort_unstable();
-            let lines: String = v.iter().map(|(at, ttfb, total)| format!("{at} {ttfb} {total}\n")).collect();
+        let out = if several {
+            let mut targets = Vec::with_capacity(stats.len());
+            for (url, st) in args.url.iter().zip(&stats) {
+                let mut r = report(&args, st, st.busy_us.load(Ordering::Relaxed) as f64 / 1e6)?;
+                r["url"] = url.as_str().into();
+                targets.push(r);
+            }
+            serde_json::json!({ "seconds": elapsed, "slice": args.slice, "targets": targets })
+        } else {
+            report(&args, &stats[0], elapsed)?
+        };
+        if let Some(path) = &args.samples {
+            let mut lines = String::new();
+            for (i, st) in stats.iter().enumerate() {
+                let Some(Ok(mut v)) = st.samples.as_ref().map(Mutex::lock) else { continue };
+                v.sort_unstable();
+                for (at, ttfb, total) in v.iter() {
+                    if several {
+                        lines.push_str(&format!("{i} "));
+                    }
+                    lines.push_str(&format!("{at} {ttfb} {total}\n"));
+                }
+            }
             std::fs::write(path, lines)?;
         }
         println!("{out}");
@@ -288,6 +382,31 @@ mod tests {
         // Exponential gaps: about e^-1 of them exceed the mean.
         let long = s.windows(2).filter(|w| w[1] - w[0] > 0.001).count() as f64 / s.len() as f64;
         assert!((0.34..0.40).contains(&long), "{long}");
+    }
+
+    #[test]
+    fn targets_take_turns_until_each_has_had_the_duration() {
+        let t = turns(3, 2.5, 1.0, 7);
+        let who: Vec<usize> = t.iter().map(|x| x.0).collect();
+        // Each round starts one target later than the one before.
+        assert_eq!(who, [0, 1, 2, 1, 2, 0, 2, 0, 1]);
+        for target in 0..3 {
+            let secs: f64 = t.iter().filter(|x| x.0 == target).map(|x| x.1).sum();
+            assert!((secs - 2.5).abs() < 1e-9, "target {target} got {secs} s");
+        }
+        assert_eq!(t.iter().map(|x| x.1).collect::<Vec<_>>()[6..], [0.5, 0.5, 0.5]);
+        // A round's turns share a seed (the same requests); rounds differ.
+        assert!(t.chunks(3).all(|r| r.iter().all(|x| x.2 == r[0].2)));
+        assert_ne!(t[0].2, t[3].2);
+        assert_ne!(t[3].2, t[6].2);
+    }
+
+    #[test]
+    fn a_slice_that_divides_the_duration_leaves_no_short_turn() {
+        let t = turns(2, 3.0, 1.0, 1);
+        assert_eq!(t.len(), 6);
+        assert!(t.iter().all(|x| x.1 == 1.0));
+        assert_eq!(turns(2, 0.5, 1.0, 1).iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(), [(0, 0.5), (1, 0.5)]);
     }
 
     #[test]
