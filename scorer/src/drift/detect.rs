@@ -173,6 +173,12 @@ pub struct DetectorConfig {
     /// Numeric: fire when the KS p-value is at most this (and the shift is the bad way);
     /// `None` disables.
     pub ks_fire_p: Option<f64>,
+    /// Numeric: a shift fires only when the median or the mean of the shifted
+    /// observations moved by at least this fraction of the baseline's (0.1: 10%). The
+    /// tests are rank-based, so they see any shift of a narrow distribution: an upstream
+    /// whose latency never varies by more than a millisecond fired a critical alarm for
+    /// 141 → 143 ms. 0 lets every significant shift fire.
+    pub min_relative_shift: f64,
     /// Numeric: `Critical` when the mean normal score of the shifted observations (see
     /// [`Severity`]) is at least this many standard deviations from 0. One sd is about a
     /// 65% latency increase at a log-sd of 0.5, and roughly where PSI reaches 1.
@@ -235,6 +241,7 @@ impl DetectorConfig {
             psi_fire: None,
             psi_resolve: 0.1,
             ks_fire_p: None,
+            min_relative_shift: 0.0,
             critical_shift_sd: 1.0,
             js_fire: None,
             chi2_fire_p: 1e-6,
@@ -843,8 +850,18 @@ impl Detector {
         if sum < h {
             return None;
         }
+        let segment = self.change_segment(run, dir);
+        if self.kind == SignalKind::Numeric && !self.segment_is_material(segment) {
+            // Significant but too small to matter: start gathering evidence afresh.
+            if dir > 0 {
+                (self.cusum_up, self.run_up) = (0.0, 0);
+            } else {
+                (self.cusum_down, self.run_down) = (0.0, 0);
+            }
+            return None;
+        }
         let mut eval = self.evaluate(false);
-        let (current_value, severity) = self.segment_summary(self.change_segment(run, dir));
+        let (current_value, severity) = self.segment_summary(segment);
         eval.current_value = current_value;
         eval.severity = severity;
         Some(self.open_episode("cusum", sum, h, &eval, dir))
@@ -923,6 +940,23 @@ impl Detector {
             }
             SignalKind::Categorical => (f64::NAN, Severity::Warning),
         }
+    }
+
+    /// Whether the last `len` observations of the current window moved from the baseline
+    /// by at least `min_relative_shift` (see [`shift_is_material`]).
+    fn segment_is_material(&self, len: usize) -> bool {
+        if self.cfg.min_relative_shift <= 0.0 {
+            return true;
+        }
+        let len = len.clamp(1, self.current.len().max(1));
+        let mut seg: Vec<f64> = self.current.iter().skip(self.current.len().saturating_sub(len)).map(|s| s.v).collect();
+        seg.sort_by(f64::total_cmp);
+        let base = self.base_sorted.view();
+        shift_is_material(
+            self.cfg.min_relative_shift,
+            (stats::median_sorted(&base), stats::median_sorted(&seg)),
+            (mean(&base), mean(&seg)),
+        )
     }
 
     /// `Critical` when the odds of the segment's rate differ from the baseline's by at
@@ -1062,6 +1096,15 @@ impl Detector {
                 if ks.p_value <= alpha {
                     fire = Some(("ks", ks.d, stats::ks_critical_d(alpha, base.len(), cur.len())));
                 }
+            }
+            if fire.is_some()
+                && !shift_is_material(
+                    self.cfg.min_relative_shift,
+                    (stats::median_sorted(&base), stats::median_sorted(cur)),
+                    (mean(&base), mean(cur)),
+                )
+            {
+                fire = None;
             }
         }
         let severity = self.numeric_severity(mean_score);
@@ -1205,6 +1248,31 @@ const MIN_NUMERIC_SEGMENT: usize = 5;
 
 // The decisions both sources share: the in-memory detector and the ClickHouse source
 // (`super::fleet`) take the same windowed statistics through these.
+
+/// Whether a numeric shift is large enough to alarm: the (baseline, current) medians or
+/// means differ by at least `min` of the baseline value. A zero baseline counts any move;
+/// `min` at or below 0 accepts every shift.
+pub fn shift_is_material(min: f64, medians: (f64, f64), means: (f64, f64)) -> bool {
+    if min <= 0.0 {
+        return true;
+    }
+    [medians, means].into_iter().any(|(base, cur)| {
+        if !base.is_finite() || !cur.is_finite() {
+            return false;
+        }
+        if base == 0.0 {
+            return cur != 0.0;
+        }
+        ((cur - base) / base).abs() >= min
+    })
+}
+
+fn mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.iter().sum::<f64>() / values.len() as f64
+}
 
 /// A windowed statistic signed so that the bad direction is positive.
 pub fn bad_side(dir: BadDirection, z: f64) -> f64 {
@@ -1381,6 +1449,63 @@ mod tests {
             (0..4_000).filter_map(|i| d.observe(Obs::Value(if i < 2_000 { 0.01 } else { 0.03 })).map(|_| i)).collect();
         assert_eq!(fired.len(), 1);
         assert!((2_000..2_020).contains(&fired[0]), "fired at {}", fired[0]);
+    }
+
+    /// Latency of an upstream that never varies by more than a millisecond, stepping up by
+    /// `step` (a fraction) at call 2,000: the calls at which the detector fired.
+    fn narrow_latency_step(cfg: DetectorConfig, step: f64, seed: u64) -> Vec<(usize, Transition)> {
+        let mut rng = Rng(seed);
+        let mut d = Detector::new(SignalKind::Numeric, cfg);
+        (0..6_000)
+            .filter_map(|i| {
+                let base = if i < 2_000 { 141.0 } else { 141.0 * (1.0 + step) };
+                d.observe(Obs::Value(base + rng.uniform())).map(|t| (i, t))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shift_below_the_minimum_relative_shift_never_fires() {
+        let gated = DetectorConfig { min_relative_shift: 0.1, ..DetectorConfig::for_kind(SignalKind::Numeric) };
+        for seed in 31..=34u64 {
+            // Without the gate, 141 → 143 ms fires (all rank tests see it), and critical.
+            let ungated = narrow_latency_step(DetectorConfig::for_kind(SignalKind::Numeric), 0.015, seed);
+            assert_eq!(ungated.len(), 1, "seed {seed}: {ungated:?}");
+            assert_eq!(ungated[0].1.severity, Severity::Critical);
+            assert!(narrow_latency_step(gated.clone(), 0.015, seed).is_empty(), "seed {seed}");
+            assert!(narrow_latency_step(gated.clone(), 0.09, seed).is_empty(), "seed {seed}");
+            // A move past the minimum fires as soon as without it.
+            let fired = narrow_latency_step(gated.clone(), 0.12, seed);
+            assert_eq!(fired.len(), 1, "seed {seed}: {fired:?}");
+            assert!((2_000..2_020).contains(&fired[0].0), "seed {seed} fired at {}", fired[0].0);
+            assert!((fired[0].1.current_value / fired[0].1.baseline_value - 1.12).abs() < 0.01);
+        }
+    }
+
+    #[test]
+    fn a_tail_that_grows_counts_through_the_mean() {
+        // The median stays put; one call in five gets three times slower.
+        let cfg = DetectorConfig { min_relative_shift: 0.1, ..DetectorConfig::for_kind(SignalKind::Numeric) };
+        let mut rng = Rng(41);
+        let mut d = Detector::new(SignalKind::Numeric, cfg);
+        let fired: Vec<Transition> = (0..6_000)
+            .filter_map(|i| {
+                let slow = i >= 2_000 && i % 5 == 0;
+                d.observe(Obs::Value(if slow { 420.0 } else { 140.0 } + rng.uniform()))
+            })
+            .collect();
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        assert!((fired[0].current_value / fired[0].baseline_value - 1.0).abs() < 0.05, "{:?}", fired[0]);
+    }
+
+    #[test]
+    fn material_shifts_by_median_or_mean() {
+        assert!(shift_is_material(0.0, (100.0, 100.5), (100.0, 100.5)));
+        assert!(!shift_is_material(0.1, (100.0, 105.0), (100.0, 109.9)));
+        assert!(shift_is_material(0.1, (100.0, 110.0), (100.0, 100.0)));
+        assert!(shift_is_material(0.1, (100.0, 100.0), (100.0, 90.0)), "a fall counts too");
+        assert!(shift_is_material(0.1, (0.0, 1.0), (0.0, 0.2)), "any move off a zero baseline");
+        assert!(!shift_is_material(0.1, (0.0, 0.0), (f64::NAN, f64::NAN)));
     }
 
     #[test]

@@ -95,10 +95,21 @@ pub struct Signal {
     pub surface: Surface,
     /// A quality signal: `prompt` unless a `model` signal fires for the same app.
     pub quality: bool,
+    /// Numeric: the detector's default `min_relative_shift`.
+    pub min_shift: f64,
 }
 
 const fn sig(name: &'static str, kind: SignalKind, bad: BadDirection, surface: Surface, quality: bool) -> Signal {
-    Signal { name, kind, bad, surface, quality }
+    Signal { name, kind, bad, surface, quality, min_shift: 0.0 }
+}
+
+/// Latency, cost and token counts alarm only when they move by at least this fraction (a
+/// 10% slower upstream, not one whose millisecond-narrow latency moved by 2 ms). Judge
+/// scores have no such floor: a bounded score that drops by less is still a quality drop.
+const MIN_SHIFT: f64 = 0.1;
+
+const fn material(s: Signal) -> Signal {
+    Signal { min_shift: MIN_SHIFT, ..s }
 }
 
 use BadDirection::{Both, Down, Up};
@@ -107,11 +118,11 @@ use SignalKind::{Categorical, Numeric, Rate};
 /// Every signal, in the order they are observed.
 pub const SIGNALS: &[Signal] = &[
     sig("error_rate", Rate, Up, Surface::Model, false),
-    sig("latency_ms", Numeric, Up, Surface::Model, false),
-    sig("ttft_ms", Numeric, Up, Surface::Model, false),
-    sig("cost_per_call", Numeric, Up, Surface::Model, false),
-    sig("input_tokens", Numeric, Both, Surface::Model, false),
-    sig("output_tokens", Numeric, Both, Surface::Model, false),
+    material(sig("latency_ms", Numeric, Up, Surface::Model, false)),
+    material(sig("ttft_ms", Numeric, Up, Surface::Model, false)),
+    material(sig("cost_per_call", Numeric, Up, Surface::Model, false)),
+    material(sig("input_tokens", Numeric, Both, Surface::Model, false)),
+    material(sig("output_tokens", Numeric, Both, Surface::Model, false)),
     sig("finish_reason_mix", Categorical, Both, Surface::Model, false),
     sig("refusal_rate", Rate, Up, Surface::Model, false),
     sig("model_mix", Categorical, Both, Surface::Model, false),
@@ -161,6 +172,10 @@ pub struct SignalOverride {
     pub z_fire: Option<f64>,
     /// Numeric: PSI that fires.
     pub psi_fire: Option<f64>,
+    /// Numeric: the smallest move of the median or the mean, as a fraction of the
+    /// baseline's, that may fire (default 0.1 for latency, cost and tokens, 0 for
+    /// `judge_score`).
+    pub min_relative_shift: Option<f64>,
     /// Categorical: Jensen–Shannon distance that fires.
     pub js_fire: Option<f64>,
     /// Observations leaving the current window are held back from the baseline while the
@@ -224,6 +239,13 @@ impl DriftConfig {
                     format!("unknown signal; known: {}", known.join(", ")),
                 ));
             }
+            if let Some(v) = o.min_relative_shift.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err((
+                    format!("drift.signals.{name}.min_relative_shift"),
+                    v.to_string(),
+                    "must be 0 or more (a fraction of the baseline: 0.1 = 10%)".into(),
+                ));
+            }
             for (k, v) in [("min_baseline", o.min_baseline), ("current_window", o.current_window)] {
                 if v == Some(0) {
                     return Err((format!("drift.signals.{name}.{k}"), "0".into(), "must be above 0".into()));
@@ -248,6 +270,7 @@ impl DriftConfig {
             return None;
         }
         let mut c = DetectorConfig::with_direction(s.kind, s.bad);
+        c.min_relative_shift = o.min_relative_shift.unwrap_or(s.min_shift);
         if let Some(v) = o.min_baseline {
             c.min_baseline = v;
         }
@@ -801,5 +824,23 @@ mod tests {
         let (k, _, r) = cfg.validate().unwrap_err();
         assert_eq!(k, "drift.signals.vibes");
         assert!(r.starts_with("unknown signal; known: error_rate, latency_ms"), "{r}");
+    }
+
+    #[test]
+    fn latency_cost_and_tokens_need_a_tenth_to_fire_and_judge_scores_do_not() {
+        let cfg = DriftConfig::default();
+        let floor = |name: &str| cfg.detector_config(signal(name).unwrap().1).unwrap().min_relative_shift;
+        for name in ["latency_ms", "ttft_ms", "cost_per_call", "input_tokens", "output_tokens"] {
+            assert_eq!(floor(name), 0.1, "{name}");
+        }
+        assert_eq!(floor("judge_score"), 0.0);
+        let mut cfg = DriftConfig::default();
+        cfg.signals
+            .insert("cost_per_call".into(), SignalOverride { min_relative_shift: Some(0.02), ..Default::default() });
+        assert_eq!(cfg.detector_config(signal("cost_per_call").unwrap().1).unwrap().min_relative_shift, 0.02);
+        cfg.signals.insert("ttft_ms".into(), SignalOverride { min_relative_shift: Some(-0.1), ..Default::default() });
+        let (k, v, r) = cfg.validate().unwrap_err();
+        assert_eq!((k.as_str(), v.as_str()), ("drift.signals.ttft_ms.min_relative_shift", "-0.1"));
+        assert!(r.starts_with("must be 0 or more"), "{r}");
     }
 }

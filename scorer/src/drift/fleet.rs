@@ -32,8 +32,8 @@ use llmtap_ingest::sink::clickhouse::service::quote;
 use serde::{Deserialize, Serialize};
 
 use super::detect::{
-    bad_side, mix_decision, rate_increment, rate_severity, BadDirection, DetectorConfig, Severity, SignalKind,
-    Transition, WindowStats,
+    bad_side, mix_decision, rate_increment, rate_severity, shift_is_material, BadDirection, DetectorConfig, Severity,
+    SignalKind, Transition, WindowStats,
 };
 use super::engine::{signal, DriftEngine, Key, SIGNALS};
 use super::stats;
@@ -373,6 +373,12 @@ impl FleetDetector {
                     } else if let Some(alpha) = cfg.ks_fire_p.filter(|&a| st.ks_p <= a) {
                         fire = Some(("ks", st.ks_d, stats::ks_critical_d(alpha, row.bn as usize, row.cn as usize)));
                     }
+                    let nan = f64::NAN;
+                    let medians = (row.base_median.unwrap_or(nan), row.cur_median.unwrap_or(nan));
+                    let means = (row.base_mean.unwrap_or(nan), row.cur_mean.unwrap_or(nan));
+                    if !shift_is_material(cfg.min_relative_shift, medians, means) {
+                        fire = None;
+                    }
                 }
                 // PSI near 1 is about a one-sd shift, where the in-memory detector's
                 // normal-score severity turns critical.
@@ -569,7 +575,7 @@ impl FleetEngine {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::drift::engine::DriftConfig;
+    use crate::drift::engine::{DriftConfig, SignalOverride};
 
     fn rate_row(bn: u64, bhits: u64, cn: u64, chits: u64, flags: Vec<u8>) -> FleetRow {
         FleetRow {
@@ -634,6 +640,41 @@ mod tests {
         let ev = f.apply(pass, &[rate_row(5000, 4500, 500, 300, vec![])]);
         assert_eq!(ev.len(), 1);
         assert_eq!((ev[0].method.as_str(), ev[0].control_surface.as_str()), ("z_test", "model"));
+    }
+
+    #[test]
+    fn a_narrow_latency_fires_only_once_it_moved_by_a_tenth() {
+        // Every current call lands in the baseline's top decile (PSI and KS far past their
+        // thresholds): a shift the tests call certain, of 2% or of 20%.
+        let row = |cur: f64| FleetRow {
+            a: "bot".into(),
+            r: "*".into(),
+            m: "*".into(),
+            bn: 5000,
+            cn: 500,
+            new_n: 500,
+            base_bins: vec![500; 10],
+            cur_bins: [vec![0; 9], vec![500]].concat(),
+            base_median: Some(141.0),
+            cur_median: Some(cur),
+            base_mean: Some(141.2),
+            cur_mean: Some(cur + 0.2),
+            ks_d: Some(0.9),
+            cur_start: 1000,
+            last_t: 2000,
+            ..Default::default()
+        };
+        let idx = signal("latency_ms").unwrap().0;
+        let mut f = FleetEngine::new(DriftEngine::new(DriftConfig::default()), FleetConfig::default());
+        assert!(f.apply(idx, &[row(143.8)]).is_empty(), "141 -> 143.8 ms is below the 10% floor");
+        let ev = f.apply(idx, &[row(169.2)]);
+        assert_eq!(ev.len(), 1);
+        assert_eq!((ev[0].state.as_str(), ev[0].method.as_str()), ("firing", "psi"));
+        // With the floor at 0 the small move fires too.
+        let mut cfg = DriftConfig::default();
+        cfg.signals.insert("latency_ms".into(), SignalOverride { min_relative_shift: Some(0.0), ..Default::default() });
+        let mut f = FleetEngine::new(DriftEngine::new(cfg), FleetConfig::default());
+        assert_eq!(f.apply(idx, &[row(143.8)]).len(), 1);
     }
 
     #[test]
