@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """llmtap's benchmark harness: one command, targets side by side in the same run.
 
-    python3 bench/run.py            # full run (about 17 minutes on 2 cores)
+    python3 bench/run.py            # full run (about 10 minutes on 2 cores)
     python3 bench/run.py --quick    # shorter scenarios, for a smoke check
 
 Targets, alternating within each round: the mock upstream directly; nginx as a plain
