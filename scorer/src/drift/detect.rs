@@ -179,6 +179,11 @@ pub struct DetectorConfig {
     /// whose latency never varies by more than a millisecond fired a critical alarm for
     /// 141 → 143 ms. 0 lets every significant shift fire.
     pub min_relative_shift: f64,
+    /// Numeric: an alarm is `Critical` (see `critical_shift_sd`) only when the reported
+    /// median also moved by at least this fraction of the baseline's; 0 leaves severity to
+    /// the normal scores alone. A narrow latency 12% up is many standard deviations away,
+    /// and a warning.
+    pub critical_relative_shift: f64,
     /// Numeric: `Critical` when the mean normal score of the shifted observations (see
     /// [`Severity`]) is at least this many standard deviations from 0. One sd is about a
     /// 65% latency increase at a log-sd of 0.5, and roughly where PSI reaches 1.
@@ -242,6 +247,7 @@ impl DetectorConfig {
             psi_resolve: 0.1,
             ks_fire_p: None,
             min_relative_shift: 0.0,
+            critical_relative_shift: 0.0,
             critical_shift_sd: 1.0,
             js_fire: None,
             chi2_fire_p: 1e-6,
@@ -1181,7 +1187,11 @@ impl Detector {
         eval: &WindowEval,
         direction: i8,
     ) -> Transition {
-        let t = self.transition(true, method, statistic, threshold, eval, direction);
+        let mut t = self.transition(true, method, statistic, threshold, eval, direction);
+        if self.kind == SignalKind::Numeric {
+            t.severity =
+                capped_severity(t.severity, self.cfg.critical_relative_shift, (t.baseline_value, t.current_value));
+        }
         self.episode = Some(Episode { age: 0, calm_since: None });
         self.suspicious = false;
         self.reset_cusum();
@@ -1265,6 +1275,16 @@ pub fn shift_is_material(min: f64, medians: (f64, f64), means: (f64, f64)) -> bo
         }
         ((cur - base) / base).abs() >= min
     })
+}
+
+/// `severity`, but `Warning` when the (baseline, current) medians moved by less than
+/// `critical_min` of the baseline value (a `critical_min` at or below 0 changes nothing).
+pub fn capped_severity(severity: Severity, critical_min: f64, medians: (f64, f64)) -> Severity {
+    if severity == Severity::Critical && !shift_is_material(critical_min, medians, (f64::NAN, f64::NAN)) {
+        Severity::Warning
+    } else {
+        severity
+    }
 }
 
 fn mean(values: &[f64]) -> f64 {
@@ -1479,6 +1499,13 @@ mod tests {
             assert_eq!(fired.len(), 1, "seed {seed}: {fired:?}");
             assert!((2_000..2_020).contains(&fired[0].0), "seed {seed} fired at {}", fired[0].0);
             assert!((fired[0].1.current_value / fired[0].1.baseline_value - 1.12).abs() < 0.01);
+            assert_eq!(fired[0].1.severity, Severity::Critical, "no cap on severity set");
+            // With the cap, 12% is a warning and 60% critical.
+            let capped = DetectorConfig { critical_relative_shift: 0.5, ..gated.clone() };
+            let fired = narrow_latency_step(capped.clone(), 0.12, seed);
+            assert_eq!((fired.len(), fired[0].1.severity), (1, Severity::Warning), "seed {seed}");
+            let fired = narrow_latency_step(capped, 0.6, seed);
+            assert_eq!((fired.len(), fired[0].1.severity), (1, Severity::Critical), "seed {seed}");
         }
     }
 
@@ -1506,6 +1533,10 @@ mod tests {
         assert!(shift_is_material(0.1, (100.0, 100.0), (100.0, 90.0)), "a fall counts too");
         assert!(shift_is_material(0.1, (0.0, 1.0), (0.0, 0.2)), "any move off a zero baseline");
         assert!(!shift_is_material(0.1, (0.0, 0.0), (f64::NAN, f64::NAN)));
+        assert_eq!(capped_severity(Severity::Critical, 0.5, (100.0, 140.0)), Severity::Warning);
+        assert_eq!(capped_severity(Severity::Critical, 0.5, (100.0, 150.0)), Severity::Critical);
+        assert_eq!(capped_severity(Severity::Critical, 0.0, (100.0, 101.0)), Severity::Critical);
+        assert_eq!(capped_severity(Severity::Warning, 0.5, (100.0, 300.0)), Severity::Warning);
     }
 
     #[test]

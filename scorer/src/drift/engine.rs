@@ -104,9 +104,12 @@ const fn sig(name: &'static str, kind: SignalKind, bad: BadDirection, surface: S
 }
 
 /// Latency, cost and token counts alarm only when they move by at least this fraction (a
-/// 10% slower upstream, not one whose millisecond-narrow latency moved by 2 ms). Judge
-/// scores have no such floor: a bounded score that drops by less is still a quality drop.
+/// 10% slower upstream, not one whose millisecond-narrow latency moved by 2 ms), and are
+/// critical only when their median moved by `CRITICAL_SHIFT` (+50%: a cost that tripled,
+/// not a narrow latency 12% up). Judge scores have neither: a bounded score that drops by
+/// less is still a quality drop.
 const MIN_SHIFT: f64 = 0.1;
+const CRITICAL_SHIFT: f64 = 0.5;
 
 const fn material(s: Signal) -> Signal {
     Signal { min_shift: MIN_SHIFT, ..s }
@@ -271,6 +274,9 @@ impl DriftConfig {
         }
         let mut c = DetectorConfig::with_direction(s.kind, s.bad);
         c.min_relative_shift = o.min_relative_shift.unwrap_or(s.min_shift);
+        if s.min_shift > 0.0 {
+            c.critical_relative_shift = CRITICAL_SHIFT;
+        }
         if let Some(v) = o.min_baseline {
             c.min_baseline = v;
         }
@@ -834,6 +840,8 @@ mod tests {
             assert_eq!(floor(name), 0.1, "{name}");
         }
         assert_eq!(floor("judge_score"), 0.0);
+        let cap = |name: &str| cfg.detector_config(signal(name).unwrap().1).unwrap().critical_relative_shift;
+        assert_eq!((cap("latency_ms"), cap("cost_per_call"), cap("judge_score")), (0.5, 0.5, 0.0));
         let mut cfg = DriftConfig::default();
         cfg.signals
             .insert("cost_per_call".into(), SignalOverride { min_relative_shift: Some(0.02), ..Default::default() });

@@ -32,8 +32,8 @@ use llmtap_ingest::sink::clickhouse::service::quote;
 use serde::{Deserialize, Serialize};
 
 use super::detect::{
-    bad_side, mix_decision, rate_increment, rate_severity, shift_is_material, BadDirection, DetectorConfig, Severity,
-    SignalKind, Transition, WindowStats,
+    bad_side, capped_severity, mix_decision, rate_increment, rate_severity, shift_is_material, BadDirection,
+    DetectorConfig, Severity, SignalKind, Transition, WindowStats,
 };
 use super::engine::{signal, DriftEngine, Key, SIGNALS};
 use super::stats;
@@ -383,6 +383,8 @@ impl FleetDetector {
                 // PSI near 1 is about a one-sd shift, where the in-memory detector's
                 // normal-score severity turns critical.
                 let severity = if st.psi >= 1.0 { Severity::Critical } else { Severity::Warning };
+                let severity =
+                    capped_severity(severity, cfg.critical_relative_shift, (st.baseline_value, st.current_value));
                 let calm = st.psi < cfg.psi_resolve || (!is_bad && cfg.bad_direction != BadDirection::Both);
                 (fire, calm, ("psi", st.psi, cfg.psi_resolve), direction, severity)
             }
@@ -670,6 +672,8 @@ mod tests {
         let ev = f.apply(idx, &[row(169.2)]);
         assert_eq!(ev.len(), 1);
         assert_eq!((ev[0].state.as_str(), ev[0].method.as_str()), ("firing", "psi"));
+        // PSI is far past 1 (critical by the tests alone), but the median moved 20%.
+        assert_eq!(ev[0].severity, "warning");
         // With the floor at 0 the small move fires too.
         let mut cfg = DriftConfig::default();
         cfg.signals.insert("latency_ms".into(), SignalOverride { min_relative_shift: Some(0.0), ..Default::default() });
