@@ -1,8 +1,8 @@
 //! `llmtap-load`: the benchmark load generator.
 //!
-//! - `open`: constant arrival rate. Request i is due at start + i/rate (`--arrivals even`),
-//!   at a random point of the i-th 1/rate slot (`slotted`), or after exponential gaps
-//!   (`poisson`); latency is measured from that scheduled time, so a stalled target cannot
+//! - `open`: constant arrival rate. Request i is due at a random point of the i-th 1/rate
+//!   slot (`--arrivals slotted`, the default, as the harness runs it), at start + i/rate
+//!   (`even`), or after exponential gaps (`poisson`); latency is measured from that scheduled time, so a stalled target cannot
 //!   hide behind requests it delayed (no coordinated omission). Requests that could not
 //!   even be started on time count. A plain thread paces the sends to within tens of
 //!   microseconds.
@@ -83,7 +83,7 @@ struct Args {
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
     /// How requests are spread over time (open).
-    #[arg(long, value_enum, default_value_t = Arrivals::Even)]
+    #[arg(long, value_enum, default_value_t = Arrivals::Slotted)]
     arrivals: Arrivals,
     /// Seed of the random schedules (`slotted`, `poisson`).
     #[arg(long, default_value_t = 1)]
