@@ -857,7 +857,8 @@ impl Detector {
             return None;
         }
         let segment = self.change_segment(run, dir);
-        if self.kind == SignalKind::Numeric && !self.segment_is_material(segment) {
+        let (current_value, severity) = self.segment_summary(segment);
+        if self.kind == SignalKind::Numeric && !self.is_material(current_value, || self.segment_mean(segment)) {
             // Significant but too small to matter: start gathering evidence afresh.
             if dir > 0 {
                 (self.cusum_up, self.run_up) = (0.0, 0);
@@ -867,7 +868,6 @@ impl Detector {
             return None;
         }
         let mut eval = self.evaluate(false);
-        let (current_value, severity) = self.segment_summary(segment);
         eval.current_value = current_value;
         eval.severity = severity;
         Some(self.open_episode("cusum", sum, h, &eval, dir))
@@ -948,21 +948,27 @@ impl Detector {
         }
     }
 
-    /// Whether the last `len` observations of the current window moved from the baseline
-    /// by at least `min_relative_shift` (see [`shift_is_material`]).
-    fn segment_is_material(&self, len: usize) -> bool {
+    /// Whether current observations with this median and mean (the mean computed only
+    /// when needed) moved from the baseline by at least `min_relative_shift` (see
+    /// [`shift_is_material`]).
+    fn is_material(&self, median: f64, mean_of: impl FnOnce() -> f64) -> bool {
         if self.cfg.min_relative_shift <= 0.0 {
             return true;
         }
-        let len = len.clamp(1, self.current.len().max(1));
-        let mut seg: Vec<f64> = self.current.iter().skip(self.current.len().saturating_sub(len)).map(|s| s.v).collect();
-        seg.sort_by(f64::total_cmp);
         let base = self.base_sorted.view();
-        shift_is_material(
-            self.cfg.min_relative_shift,
-            (stats::median_sorted(&base), stats::median_sorted(&seg)),
-            (mean(&base), mean(&seg)),
-        )
+        shift_is_material(self.cfg.min_relative_shift, (stats::median_sorted(&base), median), (mean(&base), mean_of()))
+    }
+
+    /// Mean of the last `len` observations of the current window (at least one).
+    fn segment_mean(&self, len: usize) -> f64 {
+        let len = len.clamp(1, self.current.len().max(1));
+        let tail = self.current.iter().skip(self.current.len().saturating_sub(len));
+        let (sum, n) = tail.fold((0.0, 0usize), |(sum, n), s| (sum + s.v, n + 1));
+        if n == 0 {
+            f64::NAN
+        } else {
+            sum / n as f64
+        }
     }
 
     /// `Critical` when the odds of the segment's rate differ from the baseline's by at
@@ -1103,13 +1109,7 @@ impl Detector {
                     fire = Some(("ks", ks.d, stats::ks_critical_d(alpha, base.len(), cur.len())));
                 }
             }
-            if fire.is_some()
-                && !shift_is_material(
-                    self.cfg.min_relative_shift,
-                    (stats::median_sorted(&base), stats::median_sorted(cur)),
-                    (mean(&base), mean(cur)),
-                )
-            {
+            if fire.is_some() && !self.is_material(stats::median_sorted(cur), || mean(cur)) {
                 fire = None;
             }
         }

@@ -97,10 +97,12 @@ pub struct Signal {
     pub quality: bool,
     /// Numeric: the detector's default `min_relative_shift`.
     pub min_shift: f64,
+    /// Numeric: the detector's `critical_relative_shift`.
+    pub critical_shift: f64,
 }
 
 const fn sig(name: &'static str, kind: SignalKind, bad: BadDirection, surface: Surface, quality: bool) -> Signal {
-    Signal { name, kind, bad, surface, quality, min_shift: 0.0 }
+    Signal { name, kind, bad, surface, quality, min_shift: 0.0, critical_shift: 0.0 }
 }
 
 /// Latency, cost and token counts alarm only when they move by at least this fraction (a
@@ -112,7 +114,7 @@ const MIN_SHIFT: f64 = 0.1;
 const CRITICAL_SHIFT: f64 = 0.5;
 
 const fn material(s: Signal) -> Signal {
-    Signal { min_shift: MIN_SHIFT, ..s }
+    Signal { min_shift: MIN_SHIFT, critical_shift: CRITICAL_SHIFT, ..s }
 }
 
 use BadDirection::{Both, Down, Up};
@@ -274,9 +276,7 @@ impl DriftConfig {
         }
         let mut c = DetectorConfig::with_direction(s.kind, s.bad);
         c.min_relative_shift = o.min_relative_shift.unwrap_or(s.min_shift);
-        if s.min_shift > 0.0 {
-            c.critical_relative_shift = CRITICAL_SHIFT;
-        }
+        c.critical_relative_shift = s.critical_shift;
         if let Some(v) = o.min_baseline {
             c.min_baseline = v;
         }

@@ -376,7 +376,7 @@ impl FleetDetector {
                     let nan = f64::NAN;
                     let medians = (row.base_median.unwrap_or(nan), row.cur_median.unwrap_or(nan));
                     let means = (row.base_mean.unwrap_or(nan), row.cur_mean.unwrap_or(nan));
-                    if !shift_is_material(cfg.min_relative_shift, medians, means) {
+                    if fire.is_some() && !shift_is_material(cfg.min_relative_shift, medians, means) {
                         fire = None;
                     }
                 }
