@@ -302,7 +302,8 @@ def load(target_port, sc, path="/v1/chat/completions", arrivals=ARRIVALS, seed=1
         args += ["--header", h]
     out = json.loads(subprocess.run(args, capture_output=True, text=True, check=True,
                                     preexec_fn=pinned(LOAD_CPUS)).stdout)
-    return out["targets"] if isinstance(target_port, list) else out
+    reports = out["targets"] if len(ports) > 1 else [out]
+    return reports if isinstance(target_port, list) else reports[0]
 
 
 def scenarios(quick):
@@ -473,10 +474,7 @@ def main():
                 engine_before = cpu_ticks(engine.pids()) if engine else 0
                 before = {name: (cpu_ticks(proc.pids()), thread_ticks(proc.pids())) for name, proc in group}
                 steal_before = steal_ticks(PROXY_CPUS), steal_ticks(LOAD_CPUS)
-                if len(group) > 1:
-                    reports = load([proc.port for _, proc in group], sc, arrivals=args.arrivals, seed=run)
-                else:
-                    reports = [load(group[0][1].port, sc, arrivals=args.arrivals, seed=run)]
+                reports = load([proc.port for _, proc in group], sc, arrivals=args.arrivals, seed=run)
                 steal_after = steal_ticks(PROXY_CPUS), steal_ticks(LOAD_CPUS)
                 engine_after = cpu_ticks(engine.pids()) if engine else 0
                 for (name, proc), r in zip(group, reports):

@@ -221,7 +221,7 @@ fn report(args: &Args, stats: &Stats, seconds: f64) -> anyhow::Result<serde_json
     let poisoned = || anyhow::anyhow!("poisoned");
     Ok(serde_json::json!({
         "requests": ok + errors, "ok": ok, "errors": errors, "seconds": seconds,
-        "achieved_rate": ok as f64 / (if args.mode == Mode::Open { args.duration.max(seconds.min(args.duration)) } else { seconds }),
+        "achieved_rate": ok as f64 / (if args.mode == Mode::Open { args.duration } else { seconds }),
         "ttfb_ms": summary(&*stats.ttfb.lock().map_err(|_| poisoned())?),
         "total_ms": summary(&*stats.total.lock().map_err(|_| poisoned())?),
     }))
