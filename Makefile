@@ -8,9 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 export LLMTAP_CHDB_PYTHON := $(abspath $(VENV))/bin/python
 
-.PHONY: test deps lint fmt clippy unit sdk chdb deploy-rules bench-checks run bench-shipper
+.PHONY: test deps lint fmt clippy unit sdk chdb deploy-rules helm bench-checks run bench-shipper
 
-test: deps lint unit sdk chdb deploy-rules bench-checks
+test: deps lint unit sdk chdb deploy-rules helm bench-checks
 
 # Debian packages the tests drive: Prometheus, promtool and Alertmanager (needs root or sudo
 # for apt-get).
@@ -33,9 +33,10 @@ clippy:
 unit: $(VENV)/.installed
 	$(CARGO) test -q --workspace
 
-$(VENV)/.installed: tests/sdk/requirements.txt tests/chdb/requirements.txt
+$(VENV)/.installed: tests/sdk/requirements.txt tests/chdb/requirements.txt tests/helm/requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt -r tests/chdb/requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt -r tests/chdb/requirements.txt \
+	  -r tests/helm/requirements.txt
 	touch $@
 
 sdk: $(VENV)/.installed
@@ -46,10 +47,19 @@ sdk: $(VENV)/.installed
 chdb: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/chdb
 
-# The alerting rules in deploy/: promtool check and unit tests of the Prometheus rules, and
-# the Grafana provisioning file's checks (needs promtool, from `deps`; no Rust build).
+# The alerting rules and dashboards in deploy/: promtool check and unit tests of the Prometheus
+# rules, the Grafana alert and dashboard checks, and every dashboard query run on the ClickHouse
+# engine (chdb) against the schema `llmtap migrate --dry-run` prints (needs promtool, from
+# `deps`, and the debug binary, built here).
 deploy-rules: $(VENV)/.installed
+	$(CARGO) build -q -p llmtap --bin llmtap
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy
+
+# The Helm chart: helm lint and template (helm from the venv), and the rendered proxy
+# container run against the built binary.
+helm: $(VENV)/.installed
+	$(CARGO) build -q --workspace --bins
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/helm
 
 # The benchmark harness's target verdicts, on hand-made rows (no build, no load).
 bench-checks: $(VENV)/.installed
