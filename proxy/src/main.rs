@@ -17,6 +17,7 @@ mod tap;
 mod upstream;
 mod workers;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -211,6 +212,9 @@ fn init_tracing(level: &str) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // Reports go to stdout through `?`, so a closed pipe (`llmtap stats | head`) ends the
+    // command instead of panicking in `println!`.
+    let out = &mut std::io::stdout();
     match cli.command {
         Command::Serve { common, listen, admin_listen } => {
             let (cfg, env) = load(&common, listen, admin_listen)?;
@@ -234,7 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("llmtap").build()?;
             let summary = rt.block_on(score::run(validated, args, server::shutdown_signal()))?;
-            println!("{}", serde_json::to_string(&summary)?);
+            writeln!(out, "{}", serde_json::to_string(&summary)?)?;
             Ok(())
         }
         Command::Drift { common, once, polls, stats } => {
@@ -250,10 +254,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "signal": signal, "app": key.app, "route": key.route, "model": key.model,
                         "judge": key.judge, "stats": st,
                     });
-                    println!("{line}");
+                    writeln!(out, "{line}")?;
                 }
             }
-            println!("{}", serde_json::to_string(&summary)?);
+            writeln!(out, "{}", serde_json::to_string(&summary)?)?;
             Ok(())
         }
         Command::Review { common, judge, limit, json } => {
@@ -262,10 +266,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg.data_dir.join("scores").display()))?;
             if json {
                 for v in &items {
-                    println!("{}", serde_json::to_string(v)?);
+                    writeln!(out, "{}", serde_json::to_string(v)?)?;
                 }
             } else {
-                print!("{}", llmtap_scorer::report::render_review(&items));
+                write!(out, "{}", llmtap_scorer::report::render_review(&items))?;
             }
             Ok(())
         }
@@ -275,9 +279,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let rows = llmtap_scorer::report::judges_report(&cfg.data_dir)
                     .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg.data_dir.join("scores").display()))?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                    writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
                 } else {
-                    print!("{}", llmtap_scorer::report::render(&rows));
+                    write!(out, "{}", llmtap_scorer::report::render(&rows))?;
                 }
                 return Ok(());
             }
@@ -305,9 +309,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("reading {}: {e}", cfg.data_dir.join("traces").display()))?
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
             } else {
-                print!("{}", report.render());
+                write!(out, "{}", report.render())?;
             }
             if bad > 0 {
                 eprintln!("llmtap stats: skipped {bad} lines that are not trace records");
@@ -327,7 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             if dry_run {
                 for s in &statements {
-                    println!("{s};\n");
+                    writeln!(out, "{s};\n")?;
                 }
             } else {
                 let versions = rt.block_on(sink.applied_versions()).map_err(|e| anyhow::anyhow!("clickhouse: {e}"))?;
@@ -343,12 +347,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { common } => {
             let (cfg, env) = load(&common, None, None)?;
             let v = cfg.validate(&env)?;
-            println!("# effective llmtap config (defaults < file < LLMTAP_* environment < flags)");
-            print!("{}", toml::to_string_pretty(&v.raw.redacted())?);
-            println!("\n# routes (longest prefix wins)");
+            writeln!(out, "# effective llmtap config (defaults < file < LLMTAP_* environment < flags)")?;
+            write!(out, "{}", toml::to_string_pretty(&v.raw.redacted())?)?;
+            writeln!(out, "\n# routes (longest prefix wins)")?;
             for r in v.routes.routes() {
                 let prefixes: Vec<&str> = r.prefixes.iter().map(|p| p.path.as_str()).collect();
-                println!(
+                writeln!(
+                    out,
                     "#   {:<10} {:<24} -> {}://{}{}  adapter={}",
                     r.name,
                     prefixes.join(" "),
@@ -356,18 +361,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r.upstream.authority,
                     r.upstream.base_path,
                     r.adapter
-                );
+                )?;
             }
-            println!("# price table: {} models (as of {})", v.prices.len(), v.prices.as_of);
+            writeln!(out, "# price table: {} models (as of {})", v.prices.len(), v.prices.as_of)?;
             Ok(())
         }
     }
+}
+
+/// The reader of our stdout went away (`| head`): not an error of the command.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("llmtap: {e:#}");
             ExitCode::from(2)

@@ -196,6 +196,23 @@ fn check_names_the_key_value_and_reason() {
     assert!(out.contains("openai     /openai /v1              -> https://api.openai.com  adapter=openai"), "{out}");
 }
 
+#[test]
+fn a_closed_stdout_ends_a_report_quietly() {
+    // `llmtap check | head -1`: the reader is gone before the report is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmtap"))
+        .args(["check", "--data-dir", dir.path().to_str().unwrap()])
+        .env_remove("LLMTAP_CONFIG")
+        .current_dir(dir.path())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_summarises_the_local_log() {
     let env = start("").await;
