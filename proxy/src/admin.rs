@@ -96,38 +96,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        "/readyz" => {
-            let listener = state.ready.load(Ordering::SeqCst);
-            let traces = state.data_dir.join("traces");
-            let log_writable =
-                std::fs::metadata(&traces).map(|m| m.is_dir() && !m.permissions().readonly()).unwrap_or(false);
-            // ClickHouse is reported, not required: while it is down the local log holds the
-            // backlog. Only a backlog about to hit the disk cap (records would be dropped)
-            // makes the sidecar unready.
-            let clickhouse = state.shipper.as_ref().map(|s| {
-                let behind = s.bytes_behind.load(Ordering::Relaxed);
-                serde_json::json!({
-                    "reachable": s.unreachable.load(Ordering::Relaxed) == 0,
-                    "backlog_bytes": behind,
-                    "lag_seconds": s.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
-                    "backlog_near_cap": state.max_disk_bytes > 0 && behind >= state.max_disk_bytes / 10 * 9,
-                })
-            });
-            let backlog_ok = clickhouse.as_ref().is_none_or(|c| c["backlog_near_cap"] == false);
-            let ok = listener && log_writable && backlog_ok;
-            let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            json(
-                status,
-                serde_json::json!({
-                    "status": if ok { "ready" } else { "not_ready" },
-                    "listener": listener,
-                    "log_writable": log_writable,
-                    "records_written": state.recorder.written.load(Ordering::Relaxed),
-                    "records_dropped": state.recorder.dropped_full.load(Ordering::Relaxed),
-                    "clickhouse": clickhouse,
-                }),
-            )
-        }
+        "/readyz" => readyz(state, req.uri().query().unwrap_or("")),
         "/metrics" => {
             state.judging.refresh();
             let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
@@ -139,6 +108,68 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             serde_json::json!({"error": "not found", "paths": ["/healthz", "/readyz", "/metrics", "/v1/feedback"]}),
         ),
     }
+}
+
+/// Readiness checks, by the names `/readyz?exclude=<name>` takes (as kube-apiserver's do).
+const READY_CHECKS: [&str; 3] = ["listener", "log_writable", "clickhouse_backlog"];
+
+/// `GET /readyz[?exclude=<check>&…]`: ready when every check not excluded passes. A
+/// deployment whose traffic must never wait on telemetry (the Helm chart's probe) excludes
+/// `log_writable` and `clickhouse_backlog`: a full disk then drops records, counted, instead of
+/// taking the proxy out of its Service.
+fn readyz(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let mut excluded = Vec::new();
+    for (key, value) in query.split('&').filter(|kv| !kv.is_empty()).map(|kv| kv.split_once('=').unwrap_or((kv, ""))) {
+        if key != "exclude" {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("unknown parameter {key:?}; only exclude=<check>"), "checks": READY_CHECKS}),
+            );
+        }
+        match READY_CHECKS.iter().find(|c| **c == value) {
+            Some(check) => excluded.push(*check),
+            None => {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": format!("unknown readiness check {value:?}"), "checks": READY_CHECKS}),
+                );
+            }
+        }
+    }
+    let counts = |check: &str| !excluded.contains(&check);
+
+    let listener = state.ready.load(Ordering::SeqCst);
+    let traces = state.data_dir.join("traces");
+    let log_writable = std::fs::metadata(&traces).map(|m| m.is_dir() && !m.permissions().readonly()).unwrap_or(false);
+    // ClickHouse is reported, not required: while it is down the local log holds the
+    // backlog. Only a backlog about to hit the disk cap (records would be dropped) makes the
+    // sidecar unready.
+    let clickhouse = state.shipper.as_ref().map(|s| {
+        let behind = s.bytes_behind.load(Ordering::Relaxed);
+        serde_json::json!({
+            "reachable": s.unreachable.load(Ordering::Relaxed) == 0,
+            "backlog_bytes": behind,
+            "lag_seconds": s.lag_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+            "backlog_near_cap": state.max_disk_bytes > 0 && behind >= state.max_disk_bytes / 10 * 9,
+        })
+    });
+    let backlog_ok = clickhouse.as_ref().is_none_or(|c| c["backlog_near_cap"] == false);
+    let ok = (listener || !counts("listener"))
+        && (log_writable || !counts("log_writable"))
+        && (backlog_ok || !counts("clickhouse_backlog"));
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(
+        status,
+        serde_json::json!({
+            "status": if ok { "ready" } else { "not_ready" },
+            "listener": listener,
+            "log_writable": log_writable,
+            "records_written": state.recorder.written.load(Ordering::Relaxed),
+            "records_dropped": state.recorder.dropped_full.load(Ordering::Relaxed),
+            "clickhouse": clickhouse,
+            "excluded": excluded,
+        }),
+    )
 }
 
 /// Serves the admin API until `stop` turns true.

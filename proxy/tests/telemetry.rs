@@ -138,6 +138,37 @@ async fn health_and_readiness_report_in_json() {
         (Some("ready"), Some(true), Some(true))
     );
     assert!(v["clickhouse"].is_null(), "no ClickHouse configured");
+    assert_eq!(v["excluded"], json!([]));
+
+    // An unwritable trace folder fails readiness, unless the probe excludes that check.
+    use std::os::unix::fs::PermissionsExt;
+    let traces = env.llmtap.data_dir.join("traces");
+    std::fs::set_permissions(&traces, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let r = get(&env.client, &format!("{admin}/readyz")).await;
+    let v = r.json();
+    assert_eq!(
+        (r.status.as_u16(), v["status"].as_str(), v["log_writable"].as_bool()),
+        (503, Some("not_ready"), Some(false))
+    );
+    let r = get(&env.client, &format!("{admin}/readyz?exclude=log_writable&exclude=clickhouse_backlog")).await;
+    let v = r.json();
+    assert_eq!(
+        (r.status.as_u16(), v["status"].as_str(), v["log_writable"].as_bool()),
+        (200, Some("ready"), Some(false))
+    );
+    assert_eq!(v["excluded"], json!(["log_writable", "clickhouse_backlog"]));
+    std::fs::set_permissions(&traces, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(get(&env.client, &format!("{admin}/readyz")).await.status, 200);
+
+    let r = get(&env.client, &format!("{admin}/readyz?exclude=disk")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json(),
+        json!({"error": "unknown readiness check \"disk\"", "checks": ["listener", "log_writable", "clickhouse_backlog"]})
+    );
+    let r = get(&env.client, &format!("{admin}/readyz?verbose")).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "unknown parameter \"verbose\"; only exclude=<check>");
 }
 
 use llmtap_testkit::otlp::OtlpReceiver;
