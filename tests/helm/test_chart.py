@@ -35,6 +35,13 @@ SIDECAR_APP = {
     "ports": [{"name": "http", "containerPort": 3000}],
 }
 
+JUDGE = '[[judge]]\nname = "has_text"\nkind = "rule"\nrule = { regex = "." }\n'
+JOBS = {
+    "config": JUDGE,
+    "clickhouse": {"url": "http://ch:8123"},
+    "jobs": {"drift": {"enabled": True}, "score": {"enabled": True, "shards": 3}},
+}
+
 
 def _helm() -> str:
     path = Path(sys.executable).parent / "helm"
@@ -111,7 +118,7 @@ def free_port() -> int:
         None,
         {"persistence": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
         {"mode": "sidecar", "sidecar": {"containers": [SIDECAR_APP]}},
-        {"clickhouse": {"url": "http://ch:8123"}, "jobs": {"drift": {"enabled": True}, "score": {"enabled": True}}},
+        JOBS,
     ],
     ids=["standalone", "statefulset", "sidecar", "jobs"],
 )
@@ -124,6 +131,8 @@ def test_helm_lint_strict(tmp_path, values):
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "0 chart(s) failed" in res.stdout
+    # lint reports a template's `fail` as [INFO] and still passes: look for it.
+    assert "Fail:" not in res.stdout + res.stderr, res.stdout + res.stderr
 
 
 def test_standalone_is_a_deployment_behind_a_service(tmp_path):
@@ -151,15 +160,22 @@ def test_standalone_is_a_deployment_behind_a_service(tmp_path):
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"proxy": 8080, "admin": 9464}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    # Readiness is the listener only: telemetry trouble drops records, never traffic.
+    assert c["readinessProbe"]["httpGet"] == {
+        "path": "/readyz?exclude=log_writable&exclude=clickhouse_backlog",
+        "port": "admin",
+    }
     assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert c["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
-    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    sc = c["securityContext"]
+    assert (sc["readOnlyRootFilesystem"], sc["runAsNonRoot"], sc["runAsUser"]) == (True, True, 65532)
+    assert spec["securityContext"] == {"fsGroup": 65532}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert mounts == {"config": "/etc/llmtap", "data": "/var/lib/llmtap"}
+    assert mounts == {"llmtap-config": "/etc/llmtap", "llmtap-data": "/var/lib/llmtap"}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert volumes["data"]["emptyDir"] == {"sizeLimit": "5Gi"}
-    assert volumes["config"]["configMap"]["name"] == "t-llmtap"
+    assert volumes["llmtap-data"]["emptyDir"] == {"sizeLimit": "5Gi"}
+    assert volumes["llmtap-config"]["configMap"]["name"] == "t-llmtap"
+    assert "env" not in c, "no ClickHouse, no jobs, no user env: nothing to set"
     # Graceful stop: SIGTERM comes after the preStop sleep, and in-flight calls get
     # shutdown_grace_secs (30) before the kubelet's kill.
     assert spec["terminationGracePeriodSeconds"] >= 5 + 30
@@ -195,11 +211,11 @@ def test_persistence_makes_a_statefulset_with_a_claim_per_replica(tmp_path):
     assert sts["serviceName"] == "t-llmtap-headless"
     assert objs[("Service", "t-llmtap-headless")]["spec"]["clusterIP"] == "None"
     (claim,) = sts["volumeClaimTemplates"]
-    assert claim["metadata"]["name"] == "data"
+    assert claim["metadata"]["name"] == "llmtap-data"
     assert claim["spec"]["resources"]["requests"]["storage"] == "7Gi"
     assert claim["spec"]["storageClassName"] == "fast"
     # The claim, not an emptyDir, backs the data mount.
-    assert {v["name"] for v in sts["template"]["spec"]["volumes"]} == {"config"}
+    assert {v["name"] for v in sts["template"]["spec"]["volumes"]} == {"llmtap-config"}
 
 
 def test_sidecar_runs_beside_the_app_as_a_native_sidecar(tmp_path):
@@ -208,7 +224,7 @@ def test_sidecar_runs_beside_the_app_as_a_native_sidecar(tmp_path):
         {
             "mode": "sidecar",
             "sidecar": {
-                "containers": [SIDECAR_APP],
+                "containers": [SIDECAR_APP, {"name": "worker", "image": "example/worker:1"}],
                 "service": {"ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
             },
         },
@@ -218,13 +234,20 @@ def test_sidecar_runs_beside_the_app_as_a_native_sidecar(tmp_path):
     assert tap["name"] == "llmtap" and tap["restartPolicy"] == "Always"
     assert flag(tap, "listen") == "127.0.0.1:8080"
     assert flag(tap, "admin-listen") == "0.0.0.0:9464"
-    (app,) = spec["containers"]
+    app, worker = spec["containers"]
     assert app["name"] == "app" and app["image"] == "example/app:1"
-    names = [e["name"] for e in app["env"]]
-    # The chart's base URLs come first, so an app that sets its own keeps it (the last wins).
-    assert names == ["OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "OPENAI_BASE_URL", "FOO"]
-    assert app["env"][0]["value"] == "http://127.0.0.1:8080/v1"
-    assert app["env"][1]["value"] == "http://127.0.0.1:8080/anthropic"
+    # A base URL the app sets itself is its own: one entry per name.
+    assert app["env"] == [
+        {"name": "ANTHROPIC_BASE_URL", "value": "http://127.0.0.1:8080/anthropic"},
+        *SIDECAR_APP["env"],
+    ]
+    assert worker["env"] == [
+        {"name": "ANTHROPIC_BASE_URL", "value": "http://127.0.0.1:8080/anthropic"},
+        {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8080/v1"},
+    ]
+    # The pod is the app's: no security context forced on it; llmtap's is on its container.
+    assert "securityContext" not in spec
+    assert (tap["securityContext"]["runAsUser"], tap["securityContext"]["runAsNonRoot"]) == (65532, True)
     svc = objs[("Service", "t-llmtap")]["spec"]
     assert [(p["name"], p["port"]) for p in svc["ports"]] == [("http", 80), ("admin", 9464)]
     assert objs[("Deployment", "t-llmtap")]["spec"]["replicas"] == 1
@@ -264,10 +287,7 @@ def test_clickhouse_password_only_by_reference(tmp_path):
 
 
 def test_fleet_jobs_one_deployment_per_shard(tmp_path):
-    objs = render(
-        tmp_path,
-        {"clickhouse": {"url": "http://ch:8123"}, "jobs": {"drift": {"enabled": True}, "score": {"enabled": True, "shards": 3}}},
-    )
+    objs = render(tmp_path, JOBS)
     drift = pod_spec(objs, name="t-llmtap-drift")["containers"][0]
     assert drift["args"] == ["drift", "--config=/etc/llmtap/llmtap.toml", "--data-dir=/var/lib/llmtap"]
     assert env_map(drift)["LLMTAP_CLICKHOUSE_URL"]["value"] == "http://ch:8123"
@@ -275,6 +295,17 @@ def test_fleet_jobs_one_deployment_per_shard(tmp_path):
     assert shards == ["0/3", "1/3", "2/3"]
     for name in ["t-llmtap-drift", "t-llmtap-score-0"]:
         assert objs[("Deployment", name)]["spec"]["strategy"] == {"type": "Recreate"}
+    # With the jobs on, the proxies leave that work to them; the jobs keep their own config.
+    proxy_env = env_map(pod_spec(objs)["containers"][0])
+    assert proxy_env["LLMTAP_SCORER_IN_PROCESS"]["value"] == "false"
+    assert proxy_env["LLMTAP_DRIFT_ENABLED"]["value"] == "false"
+    assert not {"LLMTAP_SCORER_IN_PROCESS", "LLMTAP_DRIFT_ENABLED"} & set(env_map(drift))
+    # Their local log is the pod's volume, or a claim of their own.
+    assert pod_spec(objs, name="t-llmtap-drift")["volumes"][1] == {"name": "llmtap-data", "emptyDir": {"sizeLimit": "5Gi"}}
+    objs = render(tmp_path, {**JOBS, "jobs": {**JOBS["jobs"], "persistence": {"enabled": True, "size": "3Gi"}}})
+    assert objs[("PersistentVolumeClaim", "t-llmtap-score-2")]["spec"]["resources"]["requests"]["storage"] == "3Gi"
+    claim = pod_spec(objs, name="t-llmtap-score-2")["volumes"][1]
+    assert claim == {"name": "llmtap-data", "persistentVolumeClaim": {"claimName": "t-llmtap-score-2"}}
     # The jobs' pods are not the proxy Service's endpoints.
     selector = objs[("Service", "t-llmtap")]["spec"]["selector"]
     job_labels = objs[("Deployment", "t-llmtap-score-0")]["spec"]["template"]["metadata"]["labels"]
@@ -284,7 +315,7 @@ def test_fleet_jobs_one_deployment_per_shard(tmp_path):
 def test_rendered_job_args_parse(tmp_path):
     """The binary accepts every job's command line (clap parses all of it before --help)."""
     _require(LLMTAP_BIN)
-    objs = render(tmp_path, {"clickhouse": {"url": "http://ch:8123"}, "jobs": {"drift": {"enabled": True}, "score": {"enabled": True, "shards": 2}}})
+    objs = render(tmp_path, JOBS)
     for name in ["t-llmtap-drift", "t-llmtap-score-1"]:
         args = pod_spec(objs, name=name)["containers"][0]["args"]
         res = subprocess.run([str(LLMTAP_BIN), *args, "--help"], capture_output=True, text=True, timeout=30)
@@ -312,8 +343,37 @@ def test_rendered_job_args_parse(tmp_path):
             r"sidecar\.containers\[0\]\.name: \"llmtap\" is the chart's own container",
         ),
         (None, ["replicas=3"], r"Additional property replicas is not allowed"),
+        (
+            {"mode": "sidecar", "sidecar": {"containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 3000}, {"containerPort": 8080}]}]}},
+            [],
+            r"sidecar\.containers\[0\]\.ports\[1\]\.containerPort: 8080 is llmtap's ports\.proxy, in the same pod network",
+        ),
+        (
+            {"mode": "sidecar", "sidecar": {"containers": [SIDECAR_APP], "volumes": [{"name": "llmtap-data", "emptyDir": {}}]}},
+            [],
+            r'sidecar\.volumes\[0\]\.name: "llmtap-data" is the chart\'s own volume',
+        ),
+        ({"config": "[capture\nbodies = 1\n"}, [], r"config: not valid TOML \(llmtap\.toml\)"),
+        (
+            {"clickhouse": {"url": "http://ch:8123"}, "jobs": {"score": {"enabled": True}}},
+            [],
+            r"jobs\.score\.enabled: config has no \[\[judge\]\] or \[\[intent\]\]",
+        ),
     ],
-    ids=["mode", "port", "clickhouse-url", "job-without-clickhouse", "sidecar-without-app", "sidecar-persistence", "name-clash", "unknown-key"],
+    ids=[
+        "mode",
+        "port",
+        "clickhouse-url",
+        "job-without-clickhouse",
+        "sidecar-without-app",
+        "sidecar-persistence",
+        "name-clash",
+        "unknown-key",
+        "port-clash",
+        "volume-clash",
+        "bad-toml",
+        "score-without-judges",
+    ],
 )
 def test_bad_values_name_the_key(tmp_path, values, sets, message):
     err = render_error(tmp_path, values, *sets)
@@ -350,7 +410,7 @@ def test_default_config_passes_llmtap_check(tmp_path):
         env={k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")},
     )
     assert res.returncode == 0, res.stderr
-    assert re.search(r"max_disk_bytes\s*=\s*4294967296", res.stdout), res.stdout
+    assert re.search(r"max_disk_bytes\s*=\s*1073741824", res.stdout), res.stdout
 
 
 def test_rendered_proxy_serves_probes_and_records_calls(tmp_path, mock_upstream):
@@ -404,6 +464,15 @@ def test_rendered_proxy_serves_probes_and_records_calls(tmp_path, mock_upstream)
             )
             assert r.status_code == 200, r.text
             trace_id = r.headers["x-llmtap-trace-id"]
+            # A trace folder gone read-only fails plain /readyz; the chart's probe keeps the pod
+            # in its Service (records are dropped and counted instead).
+            traces = data_dir / "traces"
+            traces.chmod(0o555)
+            try:
+                assert http.get(f"{base}/readyz").status_code == 503
+                assert http.get(base + c["readinessProbe"]["httpGet"]["path"]).status_code == 200
+            finally:
+                traces.chmod(0o755)
             # Metrics follow the record, which the recorder writes after the response.
             counted = re.compile(r'^llmtap_requests_total\{model="gpt-4o-mini",provider="openai",route="mock",status_class="2xx"\} 1$', re.M)
             deadline = time.monotonic() + 10
@@ -452,3 +521,22 @@ def test_older_kubernetes_is_refused(tmp_path):
     )
     assert res.returncode != 0
     assert "chart requires kubeVersion: >=1.30.0-0 which is incompatible with Kubernetes v1.29.4" in res.stderr, res.stderr
+
+
+def test_user_env_and_annotations_win_and_unset_keys_stay_unset(tmp_path):
+    objs = render(
+        tmp_path,
+        {
+            "config": '[clickhouse]\nurl = "http://from-config:8123"\ndatabase = "llm"\n' + JUDGE,
+            "env": [{"name": "LLMTAP_SCORER_IN_PROCESS", "value": "true"}],
+            "jobs": {"score": {"enabled": True}},
+            "podAnnotations": {"prometheus.io/port": "9999", "team": "ml"},
+        },
+    )
+    dep = objs[("Deployment", "t-llmtap")]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    # The URL and database come from config: no variable overrides them; the user's own
+    # LLMTAP_SCORER_IN_PROCESS is the only entry of that name.
+    assert c["env"] == [{"name": "LLMTAP_SCORER_IN_PROCESS", "value": "true"}]
+    ann = dep["spec"]["template"]["metadata"]["annotations"]
+    assert (ann["prometheus.io/port"], ann["team"], ann["prometheus.io/scrape"]) == ("9999", "ml", "true")

@@ -53,27 +53,48 @@ app.kubernetes.io/component: proxy
 {{- end }}
 
 {{/*
-Environment shared by the proxy and the fleet jobs: the ClickHouse connection (the password
-only by reference to a Secret) and the user's own variables.
+Environment of the proxy and the fleet jobs, called with (dict "root" $ "proxy" bool): the
+ClickHouse connection (the password only by reference to a Secret), with the fleet jobs on
+the proxy's own scorer and drift detector off (the jobs do that work once for the fleet),
+then the user's `env`. A name the user's `env` sets is left to it: one entry per name, so
+`helm upgrade` can patch the list.
 */}}
 {{- define "llmtap.env" -}}
-{{- if .Values.clickhouse.url }}
-- name: LLMTAP_CLICKHOUSE_URL
-  value: {{ .Values.clickhouse.url | quote }}
-- name: LLMTAP_CLICKHOUSE_USER
-  value: {{ .Values.clickhouse.user | quote }}
-- name: LLMTAP_CLICKHOUSE_DATABASE
-  value: {{ .Values.clickhouse.database | quote }}
-{{- with .Values.clickhouse.passwordSecret.name }}
-- name: LLMTAP_CLICKHOUSE_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ . }}
-      key: {{ $.Values.clickhouse.passwordSecret.key }}
+{{- $v := .root.Values }}
+{{- $chart := list }}
+{{- with $v.clickhouse }}
+{{- if .url }}
+{{- $chart = append $chart (dict "name" "LLMTAP_CLICKHOUSE_URL" "value" .url) }}
+{{- end }}
+{{- if .user }}
+{{- $chart = append $chart (dict "name" "LLMTAP_CLICKHOUSE_USER" "value" .user) }}
+{{- end }}
+{{- if .database }}
+{{- $chart = append $chart (dict "name" "LLMTAP_CLICKHOUSE_DATABASE" "value" .database) }}
+{{- end }}
+{{- if .passwordSecret.name }}
+{{- $chart = append $chart (dict "name" "LLMTAP_CLICKHOUSE_PASSWORD" "valueFrom" (dict "secretKeyRef" (dict "name" .passwordSecret.name "key" .passwordSecret.key))) }}
 {{- end }}
 {{- end }}
-{{- with .Values.env }}
-{{ toYaml . }}
+{{- if and .proxy $v.jobs.score.enabled }}
+{{- $chart = append $chart (dict "name" "LLMTAP_SCORER_IN_PROCESS" "value" "false") }}
+{{- end }}
+{{- if and .proxy $v.jobs.drift.enabled }}
+{{- $chart = append $chart (dict "name" "LLMTAP_DRIFT_ENABLED" "value" "false") }}
+{{- end }}
+{{- $mine := dict }}
+{{- range $v.env }}
+{{- $_ := set $mine .name true }}
+{{- end }}
+{{- $out := list }}
+{{- range $chart }}
+{{- if not (hasKey $mine .name) }}
+{{- $out = append $out . }}
+{{- end }}
+{{- end }}
+{{- $out = concat $out $v.env }}
+{{- if $out }}
+{{- toYaml $out }}
 {{- end }}
 {{- end }}
 
@@ -95,7 +116,7 @@ The llmtap proxy container. Called with (dict "root" $ "listenHost" "0.0.0.0" "n
     - --listen={{ .listenHost }}:{{ $v.ports.proxy }}
     - --admin-listen=0.0.0.0:{{ $v.ports.admin }}
     - --data-dir={{ include "llmtap.dataDir" $root }}
-  {{- $env := include "llmtap.env" $root | trim }}
+  {{- $env := include "llmtap.env" (dict "root" $root "proxy" true) | trim }}
   {{- if $env }}
   env:
     {{- $env | nindent 4 }}
@@ -126,7 +147,9 @@ The llmtap proxy container. Called with (dict "root" $ "listenHost" "0.0.0.0" "n
     failureThreshold: 3
   readinessProbe:
     httpGet:
-      path: /readyz
+      # Only the listener: a full trace disk or a ClickHouse backlog drops records (counted,
+      # alerted on) rather than taking the pod out of its Service.
+      path: /readyz?exclude=log_writable&exclude=clickhouse_backlog
       port: admin
     periodSeconds: 5
     timeoutSeconds: 2
@@ -142,22 +165,28 @@ The llmtap proxy container. Called with (dict "root" $ "listenHost" "0.0.0.0" "n
   securityContext:
     {{- toYaml $v.securityContext | nindent 4 }}
   volumeMounts:
-    - name: config
+    - name: llmtap-config
       mountPath: /etc/llmtap
       readOnly: true
-    - name: data
+    - name: llmtap-data
       mountPath: {{ include "llmtap.dataDir" $root }}
 {{- end }}
 
-{{/* Pod-level settings shared by every workload of the chart. */}}
+{{/*
+Pod-level settings shared by every workload of the chart. In sidecar mode the pod is the
+app's: its security context is sidecar.podSecurityContext (llmtap's own settings are on its
+container).
+*/}}
 {{- define "llmtap.podSpecCommon" -}}
 serviceAccountName: {{ include "llmtap.serviceAccountName" . }}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- with ternary .Values.sidecar.podSecurityContext .Values.podSecurityContext (eq .Values.mode "sidecar") }}
 securityContext:
-  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- with .Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -176,15 +205,14 @@ topologySpreadConstraints:
 {{- end }}
 {{- end }}
 
-{{/* Pod annotations: the config's checksum (a changed config rolls the pods) and scraping. */}}
+{{/*
+Pod annotations: the config's checksum (a changed config rolls the pods) and scraping; the
+user's podAnnotations win a clash.
+*/}}
 {{- define "llmtap.podAnnotations" -}}
-checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- $ann := dict "checksum/config" (include (print .Template.BasePath "/configmap.yaml") . | sha256sum) }}
 {{- if .Values.metrics.podAnnotations }}
-prometheus.io/scrape: "true"
-prometheus.io/port: {{ .Values.ports.admin | quote }}
-prometheus.io/path: /metrics
+{{- $_ := merge $ann (dict "prometheus.io/scrape" "true" "prometheus.io/port" (toString .Values.ports.admin) "prometheus.io/path" "/metrics") }}
 {{- end }}
-{{- with .Values.podAnnotations }}
-{{ toYaml . }}
-{{- end }}
+{{- toYaml (mergeOverwrite $ann .Values.podAnnotations) }}
 {{- end }}
