@@ -13,7 +13,8 @@ instructions per call: nginx's one process, llmtap's total and each of its threa
 Callgrind counts what the process executes, not the kernel's work for it (the socket
 reads and writes, which cost both proxies about the same), nor time: it says where the CPU
 per request that `run.py` measures goes, not how long a client waits. Builds the release
-binaries first, as run.py does (`--no-build` skips it).
+binaries first, as run.py does (`--no-build` skips it). `--keep DIR` keeps the per-thread
+dumps, for `callgrind_annotate --inclusive=yes DIR/llmtap.cg.1-02`.
 """
 
 import argparse
@@ -131,6 +132,7 @@ def main():
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--keep", metavar="DIR", help="copy the callgrind dumps here (for callgrind_annotate)")
     a = ap.parse_args()
     ensure_valgrind()
     B.ensure_nginx()
@@ -151,6 +153,10 @@ def main():
         llmtap = measure("llmtap", args, port, work, env, a.calls, stream, a.chunks)
     finally:
         mock.stop()
+        if a.keep:
+            os.makedirs(a.keep, exist_ok=True)
+            for f in glob.glob(os.path.join(work, "*.cg*")):
+                shutil.copy(f, a.keep)
         shutil.rmtree(work, ignore_errors=True)
 
     kind = f"streams of {a.chunks} chunks" if stream else "non-streaming calls"
