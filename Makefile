@@ -12,15 +12,15 @@ export LLMTAP_CHDB_PYTHON := $(abspath $(VENV))/bin/python
 
 test: deps lint unit sdk chdb deploy-rules helm bench-checks
 
-# Debian packages the tests drive: Prometheus, promtool and Alertmanager (needs root or sudo
-# for apt-get).
+# Debian packages the tests drive: Prometheus, promtool and Alertmanager, and systemd's
+# systemd-analyze for the unit file (needs root or sudo for apt-get).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && \
-	  command -v prometheus-alertmanager >/dev/null || { \
+	  command -v prometheus-alertmanager >/dev/null && command -v systemd-analyze >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager; }
+	    prometheus prometheus-alertmanager systemd; }
 
 lint: fmt clippy
 
@@ -47,10 +47,11 @@ sdk: $(VENV)/.installed
 chdb: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/chdb
 
-# The alerting rules and dashboards in deploy/: promtool check and unit tests of the Prometheus
-# rules, the Grafana alert and dashboard checks, and every dashboard query run on the ClickHouse
-# engine (chdb) against the schema `llmtap migrate --dry-run` prints (needs promtool, from
-# `deps`, and the debug binary, built here).
+# The alerting rules, dashboards and unit file in deploy/: promtool check and unit tests of the
+# Prometheus rules, the Grafana alert and dashboard checks, every dashboard query run on the
+# ClickHouse engine (chdb) against the schema `llmtap migrate --dry-run` prints, and the systemd
+# unit verified and its ExecStart run (needs promtool and systemd-analyze, from `deps`, and the
+# debug binary, built here).
 deploy-rules: $(VENV)/.installed
 	$(CARGO) build -q -p llmtap --bin llmtap
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy
