@@ -22,13 +22,13 @@ Needs PyYAML and promtool on PATH.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import promql  # noqa: E402  (deploy/grafana/promql.py, beside this file)
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTING_DIR = ROOT / "deploy" / "grafana" / "alerting"
@@ -211,25 +211,9 @@ def prometheus_queries(doc: dict) -> list[tuple[str, str, str]]:
     return out
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        raise RuntimeError("promtool not found on PATH (Debian: apt-get install prometheus)")
-    return path
-
-
 def check_promql(queries: list[tuple[str, str, str]]) -> list[str]:
-    """Parses every expr with `promtool check rules` on a generated rule file."""
-    if not queries:
-        return []
-    rules = [{"alert": f"{title} {ref}", "expr": expr} for title, ref, expr in queries]
-    with tempfile.TemporaryDirectory(prefix="llmtap-grafana-") as tmp:
-        path = Path(tmp) / "grafana-exprs.yml"
-        path.write_text(yaml.safe_dump({"groups": [{"name": "grafana-exprs", "rules": rules}]}, sort_keys=False))
-        res = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
-    if res.returncode != 0 or "SUCCESS" not in res.stdout:
-        return [f"promtool check rules on the Grafana queries failed:\n{res.stdout}{res.stderr}"]
-    return []
+    """Parses every expr with `promtool check rules`."""
+    return promql.check_exprs([(f"{title} query {ref}", expr) for title, ref, expr in queries], "the Grafana queries")
 
 
 def _norm(expr: str) -> str:

@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import promql  # noqa: E402  (deploy/grafana/promql.py, beside this file)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = ROOT / "deploy" / "grafana" / "dashboards"
@@ -350,26 +350,9 @@ def check_metric_names(queries: list[tuple[str, str]], sources: list[Path] = MET
     return errors
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        raise RuntimeError("promtool not found on PATH (Debian: apt-get install prometheus)")
-    return path
-
-
 def check_promql(queries: list[tuple[str, str]]) -> list[str]:
-    """Parses every expression with `promtool check rules`, each one a recording rule."""
-    if not queries:
-        return []
-    rules = [{"record": f"grafana:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]
-    with tempfile.TemporaryDirectory(prefix="llmtap-dashboards-") as tmp:
-        path = Path(tmp) / "dashboard-exprs.yml"
-        path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard-exprs", "rules": rules}]}, sort_keys=False))
-        res = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
-    if res.returncode != 0 or "SUCCESS" not in res.stdout:
-        index = "\n".join(f"  grafana:query_{i} = {where}" for i, (where, _) in enumerate(queries))
-        return [f"promtool check rules on the dashboard queries failed:\n{res.stdout}{res.stderr}{index}"]
-    return []
+    """Parses every expression with `promtool check rules`."""
+    return promql.check_exprs(queries, "the dashboard queries")
 
 
 def load(path: Path) -> tuple[object, list[str]]:

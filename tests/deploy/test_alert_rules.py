@@ -8,7 +8,6 @@ Run with: make deploy-rules   (or .venv/bin/pytest -q tests/deploy). Needs promt
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -29,15 +28,9 @@ METRIC_SOURCES = [ROOT / "ingest" / "src" / "export" / "prometheus.rs", ROOT / "
 DRIFT_ALERTS = {"LlmtapDriftModel": "model", "LlmtapDriftPrompt": "prompt", "LlmtapDriftIntentJudge": "intent_judge"}
 
 
-def _load_checker():
-    spec = importlib.util.spec_from_file_location("check_alerts", CHECKER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_alerts"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check_alerts = _load_checker()
+# The checkers are scripts in deploy/grafana, importable from there.
+sys.path.insert(0, str(CHECKER.parent))
+import check_alerts  # noqa: E402
 
 
 @pytest.fixture(scope="module")

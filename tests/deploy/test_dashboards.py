@@ -11,7 +11,6 @@ them these tests fail rather than skip.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import itertools
 import json
 import math
@@ -33,15 +32,9 @@ LLMTAP = ROOT / "target" / "debug" / "llmtap"
 ADAPTER = ROOT / "tests" / "chdb" / "adapter.py"
 
 
-def _load_checker():
-    spec = importlib.util.spec_from_file_location("check_dashboards", CHECKER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_dashboards"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cd = _load_checker()
+# The checkers are scripts in deploy/grafana, importable from there.
+sys.path.insert(0, str(CHECKER.parent))
+import check_dashboards as cd  # noqa: E402
 ALL = cd.ALL
 DASHBOARD_FILES = sorted(cd.DASHBOARD_DIR.glob("*.json"))
 DASHBOARDS = {p.stem: json.loads(p.read_text()) for p in DASHBOARD_FILES}

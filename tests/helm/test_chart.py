@@ -102,6 +102,19 @@ def env_map(c: dict) -> dict[str, dict]:
     return {e["name"]: e for e in c.get("env", [])}
 
 
+def llmtap_check(tmp_path: Path, toml: str) -> subprocess.CompletedProcess:
+    """`llmtap check` on a config file holding `toml`, with no LLMTAP_* from the caller."""
+    _require(LLMTAP_BIN)
+    (tmp_path / "llmtap.toml").write_text(toml)
+    return subprocess.run(
+        [str(LLMTAP_BIN), "check", "--config", str(tmp_path / "llmtap.toml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")},
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -399,16 +412,8 @@ def mock_upstream(tmp_path):
 
 
 def test_default_config_passes_llmtap_check(tmp_path):
-    _require(LLMTAP_BIN)
     objs = render(tmp_path)
-    (tmp_path / "llmtap.toml").write_text(objs[("ConfigMap", "t-llmtap")]["data"]["llmtap.toml"])
-    res = subprocess.run(
-        [str(LLMTAP_BIN), "check", "--config", str(tmp_path / "llmtap.toml")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")},
-    )
+    res = llmtap_check(tmp_path, objs[("ConfigMap", "t-llmtap")]["data"]["llmtap.toml"])
     assert res.returncode == 0, res.stderr
     assert re.search(r"max_disk_bytes\s*=\s*1073741824", res.stdout), res.stdout
 
@@ -494,7 +499,6 @@ def test_rendered_proxy_serves_probes_and_records_calls(tmp_path, mock_upstream)
 
 
 def test_the_readme_sidecar_example_renders_and_its_config_checks(tmp_path):
-    _require(LLMTAP_BIN)
     readme = (ROOT / "README.md").read_text()
     (example,) = re.findall(r"```yaml\n(# support-bot\.yaml\n.*?)```", readme, re.S)
     values = yaml.safe_load(example.replace("<registry>/", "registry.invalid/"))
@@ -502,14 +506,7 @@ def test_the_readme_sidecar_example_renders_and_its_config_checks(tmp_path):
     spec = pod_spec(objs)
     assert [c["name"] for c in spec["initContainers"]] == ["llmtap"]
     assert [c["name"] for c in spec["containers"]] == ["app"]
-    (tmp_path / "llmtap.toml").write_text(objs[("ConfigMap", "t-llmtap")]["data"]["llmtap.toml"])
-    res = subprocess.run(
-        [str(LLMTAP_BIN), "check", "--config", str(tmp_path / "llmtap.toml")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={k: v for k, v in os.environ.items() if not k.startswith("LLMTAP_")},
-    )
+    res = llmtap_check(tmp_path, objs[("ConfigMap", "t-llmtap")]["data"]["llmtap.toml"])
     assert res.returncode == 0, res.stderr
     assert "support-bot" in res.stdout
 
