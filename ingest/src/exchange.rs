@@ -91,37 +91,42 @@ pub struct PendingTrace {
 ///
 /// Building a call's record costs more than everything else the request path does for it:
 /// a JSON response is parsed whole for its usage, model and tool calls, and the record's
-/// columns are assembled. The proxy only boxes the exchange and queues it; the recorder's
-/// thread builds the record (`into_pending`), in batches, off the path the client waits on.
-/// Boxed, so the recorder's queue holds a pointer per call, not a whole exchange.
+/// columns are assembled. The proxy only queues the exchange (a box from its start); the
+/// recorder's thread builds the record (`into_pending`), in batches, off the path the client
+/// waits on.
 #[derive(Debug)]
-pub struct EndedCall(Box<Ended>);
+pub struct EndedCall(Ended);
 
-// The whole enum lives in `EndedCall`'s box; the test-only variant is the smaller one.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Ended {
     Call {
-        exchange: Exchange,
+        exchange: Box<Exchange>,
         error: ErrorKind,
         client_status: u16,
         ended: Instant,
     },
     /// A record made by hand, for the recorder's own tests.
     #[cfg(test)]
-    Built(PendingTrace),
+    Built(Box<PendingTrace>),
 }
+
+/// The largest `Exchange` may be: its box is the worker's one large allocation per call.
+/// glibc serves requests up to 1,008 bytes from its small bins; a larger one takes the
+/// large-request path, which first consolidates every freed fast chunk of the arena, once
+/// per call on a worker (callgrind: about 1,000 instructions per call, 2% of the worker's).
+const EXCHANGE_MAX: usize = 1008;
+const _: () = assert!(std::mem::size_of::<Exchange>() <= EXCHANGE_MAX);
 
 impl EndedCall {
     /// The call's record, with what the recorder still adds (tokens, cost, bodies) left to do.
     /// `streams` holds the parsers of streams whose pieces went ahead of the call's end.
     pub fn into_pending(self, streams: &mut OpenStreams) -> PendingTrace {
-        match *self.0 {
+        match self.0 {
             Ended::Call { exchange, error, client_status, ended } => {
-                exchange.build(error, client_status, ended, streams)
+                (*exchange).build(error, client_status, ended, streams)
             }
             #[cfg(test)]
-            Ended::Built(p) => p,
+            Ended::Built(p) => *p,
         }
     }
 }
@@ -129,7 +134,7 @@ impl EndedCall {
 #[cfg(test)]
 impl From<PendingTrace> for EndedCall {
     fn from(p: PendingTrace) -> Self {
-        EndedCall(Box::new(Ended::Built(p)))
+        EndedCall(Ended::Built(Box::new(p)))
     }
 }
 
@@ -250,7 +255,9 @@ pub struct Exchange {
     /// Stream bytes were dropped while the recorder had no room (`STREAM_HOLD_MAX`).
     lost: bool,
     decoder: Option<ContentDecoder>,
-    stripper: Option<StreamUsageStripper>,
+    /// Boxed: only streams with injected usage have one, and inline it would push `Ended`
+    /// past glibc's small-chunk sizes (see `ENDED_MAX`).
+    stripper: Option<Box<StreamUsageStripper>>,
     request_body: Bytes,
     started: Instant,
     status: u16,
@@ -273,7 +280,8 @@ impl std::fmt::Debug for Exchange {
 
 impl Exchange {
     /// Starts an exchange and runs the adapter's request hook. Returns the body to forward
-    /// when the adapter rewrote it (OpenAI stream usage injection).
+    /// when the adapter rewrote it (OpenAI stream usage injection). Boxed once here, the
+    /// exchange moves into the response body and on to the recorder as a pointer.
     pub fn start(
         meta: CallMeta,
         provider: ProviderKind,
@@ -282,10 +290,10 @@ impl Exchange {
         request_body: Bytes,
         opts: RequestOptions,
         limits: ExchangeLimits,
-    ) -> (Self, Option<Bytes>) {
+    ) -> (Box<Self>, Option<Bytes>) {
         let mut adapter = Adapter::new(provider, limits.text_cap, limits.json_cap);
         let rewritten = adapter.on_request(request, opts).map(Bytes::from);
-        let ex = Exchange {
+        let ex = Box::new(Exchange {
             meta,
             provider,
             adapter: Some(adapter),
@@ -306,7 +314,7 @@ impl Exchange {
             overhead: Duration::ZERO,
             response_bytes: 0,
             forwarded_bytes: 0,
-        };
+        });
         (ex, rewritten)
     }
 
@@ -348,7 +356,7 @@ impl Exchange {
             && status < 300
             && self.decoder.as_ref().is_some_and(ContentDecoder::is_identity);
         if rewrite {
-            self.stripper = Some(StreamUsageStripper::new());
+            self.stripper = Some(Box::new(StreamUsageStripper::new()));
         }
         rewrite
     }
@@ -450,7 +458,7 @@ impl Exchange {
 
     /// The upstream body ended; returns any bytes still held back for the client.
     pub fn on_response_end(&mut self) -> Bytes {
-        let out = self.stripper.as_mut().map(StreamUsageStripper::finish).unwrap_or_default();
+        let out = self.stripper.as_mut().map(|s| s.finish()).unwrap_or_default();
         self.forwarded_bytes += out.len() as u64;
         out
     }
@@ -459,8 +467,8 @@ impl Exchange {
     /// the client got. A client that left (`ClientDisconnect`) after the stream's final event
     /// is a success: the record says so once the stream is parsed. The call's duration stops now. This only moves the exchange into the returned
     /// value: the record is built by `EndedCall::into_pending`, on the recorder's thread.
-    pub fn finish(self, error: ErrorKind, client_status: u16) -> EndedCall {
-        EndedCall(Box::new(Ended::Call { exchange: self, error, client_status, ended: Instant::now() }))
+    pub fn finish(self: Box<Self>, error: ErrorKind, client_status: u16) -> EndedCall {
+        EndedCall(Ended::Call { exchange: self, error, client_status, ended: Instant::now() })
     }
 
     /// Builds the record: parses what is left of a stream or a buffered JSON body, then
@@ -567,7 +575,7 @@ mod tests {
 
     use super::*;
 
-    fn stream_exchange(stream_piece: usize) -> Exchange {
+    fn stream_exchange(stream_piece: usize) -> Box<Exchange> {
         let body = br#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
         let headers = HeaderMap::new();
         let view = RequestView { method: "POST", path: "/v1/chat/completions", query: "", headers: &headers, body };

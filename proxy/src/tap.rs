@@ -54,7 +54,7 @@ pub struct TapBody {
     upstream_ended: bool,
     /// A frame arrived and the tap requeued itself to take the ones right behind it.
     gathering: bool,
-    exchange: Option<Exchange>,
+    exchange: Option<Box<Exchange>>,
     recorder: RecordSender,
     idle_timeout: Duration,
     /// When the upstream last sent a frame; the idle deadline counts from here.
@@ -74,7 +74,7 @@ impl TapBody {
     pub fn new(
         inner: UpstreamBody,
         (early, upstream_ended): (VecDeque<UpstreamFrame>, bool),
-        exchange: Exchange,
+        exchange: Box<Exchange>,
         recorder: RecordSender,
         idle_timeout: Duration,
         rewrites: bool,
