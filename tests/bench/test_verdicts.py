@@ -76,3 +76,18 @@ def test_a_verdict_names_the_hosts_steal_beside_its_numbers():
         "**missed**: 2.000 vs 1.000 (2.00×; host steal ms, proxy/load cores: llmtap 120/80, nginx 0/0)",
         "met: 1.000 vs 1.000 (1.00×)",
     ]
+
+
+def test_the_control_is_judged_against_nginx_as_llmtap_is():
+    rows = [
+        row("json 5k/s", 1, "nginx", p50=0.190, p99=0.300),
+        row("json 5k/s", 1, "llmtap", p50=0.195, p99=0.360),
+        row("json 5k/s", 1, "nginx-control", p50=0.188, p99=0.690),
+    ]
+    t = table(rows)
+    assert t["json 5k/s p99 ≤ 1.25 × nginx"] == ["met: 0.360 vs 0.300 (1.20×)"]
+    # The same proxy as nginx, and a miss: what one round's verdict can resolve here.
+    assert t["control (second nginx): json 5k/s p50 ≤ nginx + 0.1 ms"] == ["met: 0.188 vs 0.190 (-0.002)"]
+    assert t["control (second nginx): json 5k/s p99 ≤ 1.25 × nginx"] == ["**missed**: 0.690 vs 0.300 (2.30×)"]
+    # Without the control target, no control lines.
+    assert not any(k.startswith("control") for k in table(rows[:2]))
