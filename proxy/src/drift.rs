@@ -73,6 +73,8 @@ pub fn spawn_in_serve(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (data_dir, log, drift) = (cfg.raw.data_dir.clone(), cfg.raw.log.clone(), cfg.raw.drift.clone());
     let thread = std::thread::Builder::new().name("llmtap-drift".into()).spawn(move || {
+        // A poll's sweep over the fleet's windows must never hold a proxy worker.
+        llmtap_ingest::background::background_priority();
         runtime.block_on(async move {
             let fetch = ClickHouseFetch(Arc::new(ClickHouseSink::new(&ch)));
             let stop = async {

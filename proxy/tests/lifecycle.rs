@@ -110,6 +110,33 @@ async fn sigterm_lets_in_flight_streams_on_every_worker_finish_then_exits_zero()
         threads = worker_names(env.llmtap.child.id());
     }
     assert_eq!(threads, ["llmtap-w0", "llmtap-w1", "llmtap-w2"]);
+    // The drift engine runs at the lowest priority, the workers at the process's own: a
+    // drift batch never holds a worker that has a call.
+    let nice_of =
+        |stat: &str| -> i64 { stat.rsplit_once(')').unwrap().1.split_whitespace().nth(16).unwrap().parse().unwrap() };
+    let own = nice_of(&std::fs::read_to_string("/proc/self/stat").unwrap());
+    let pid = env.llmtap.child.id();
+    let mut nice: Vec<(String, i64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.unwrap().path();
+            let comm = std::fs::read_to_string(t.join("comm")).ok()?.trim().to_owned();
+            let stat = std::fs::read_to_string(t.join("stat")).ok()?;
+            (comm.starts_with("llmtap-w") || comm == "llmtap-drift" || comm == "llmtap-recorder")
+                .then(|| (comm, nice_of(&stat)))
+        })
+        .collect();
+    nice.sort();
+    assert_eq!(
+        nice,
+        [
+            ("llmtap-drift".to_owned(), 19),
+            ("llmtap-recorder".to_owned(), own),
+            ("llmtap-w0".to_owned(), own),
+            ("llmtap-w1".to_owned(), own),
+            ("llmtap-w2".to_owned(), own)
+        ]
+    );
 
     // Three streams at once: three connections, one per worker (least open first).
     let mut streams = Vec::new();

@@ -326,6 +326,8 @@ pub fn spawn_drift(
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut engine = DriftEngine::new(cfg);
     let thread = std::thread::Builder::new().name("llmtap-drift".into()).spawn(move || {
+        // Its batches must never hold a proxy worker (see `background_priority`).
+        llmtap_ingest::background::background_priority();
         runtime.block_on(async move {
             // Re-sends to Alertmanager are checked every second; without such a webhook
             // the thread sleeps until an input comes.
