@@ -44,6 +44,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -425,6 +426,27 @@ def verdicts(results):
     return lines
 
 
+def across_runs(results):
+    """Markdown lines: each open-loop scenario's median over the runs of each target's ttfb
+    p99, and its ratio to nginx's. One run's p99 moves with the machine's stalls (see the
+    README); the median of several says more than any one of them. Empty with fewer than
+    two runs."""
+    targets = ("nginx", "llmtap", "nginx-control")
+    lines = []
+    for sc in ("json 1k/s", "json 5k/s", "sse 20 chunks 500/s"):
+        p99 = {t: sorted(r["ttfb_ms"]["p99"] for r in results if r["scenario"] == sc and r["target"] == t)
+               for t in targets}
+        if len(p99["nginx"]) < 2 or not p99["llmtap"]:
+            continue
+        med = {t: statistics.median(v) for t, v in p99.items() if v}
+        cells = [f"{med[t]:.3f}" + ("" if t == "nginx" else f" ({med[t] / med['nginx']:.2f}×)") if t in med else "-"
+                 for t in targets]
+        lines.append(f"| {sc} | {len(p99['nginx'])} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    return ["| scenario | runs | nginx | llmtap | control (second nginx) |", "|---|---:|---:|---:|---:|"] + lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -561,6 +583,9 @@ def main():
     verdict = verdicts(results)
     if verdict:
         md += "\nTargets (llmtap with capture on against nginx, same round):\n\n" + "\n".join(verdict) + "\n"
+    spread = across_runs(results)
+    if spread:
+        md += "\nTTFB p99 across the runs (median of each target's, ms; × nginx's median):\n\n" + "\n".join(spread) + "\n"
     with open(os.path.join(out_dir, f"{stamp}.md"), "w") as f:
         f.write(md)
     print(md)

@@ -91,3 +91,26 @@ def test_the_control_is_judged_against_nginx_as_llmtap_is():
     assert t["control (second nginx): json 5k/s p99 ≤ 1.25 × nginx"] == ["**missed**: 0.690 vs 0.300 (2.30×)"]
     # Without the control target, no control lines.
     assert not any(k.startswith("control") for k in table(rows[:2]))
+
+
+def test_across_runs_takes_each_targets_median_p99():
+    rows = [
+        row("json 5k/s", 1, "nginx", p99=0.300), row("json 5k/s", 1, "llmtap", p99=0.900),
+        row("json 5k/s", 2, "nginx", p99=0.500), row("json 5k/s", 2, "llmtap", p99=0.400),
+        row("json 5k/s", 3, "nginx", p99=0.400), row("json 5k/s", 3, "llmtap", p99=0.600),
+        row("json 1k/s", 1, "nginx", p99=0.400), row("json 1k/s", 1, "llmtap", p99=0.500),
+        row("json 1k/s", 1, "nginx-control", p99=0.200),
+        row("json 1k/s", 2, "nginx", p99=0.600), row("json 1k/s", 2, "llmtap", p99=0.500),
+        row("json 1k/s", 2, "nginx-control", p99=0.800),
+        row("sse 20 chunks 500/s", 1, "nginx", p99=1.0), row("sse 20 chunks 500/s", 1, "llmtap", p99=1.0),
+    ]
+    assert bench.across_runs(rows) == [
+        "| scenario | runs | nginx | llmtap | control (second nginx) |",
+        "|---|---:|---:|---:|---:|",
+        # Two runs: the mean of the two; the control when it ran.
+        "| json 1k/s | 2 | 0.500 | 0.500 (1.00×) | 0.500 (1.00×) |",
+        # Three: the middle one, each target's own (run 1's 0.900 is not llmtap's median).
+        "| json 5k/s | 3 | 0.400 | 0.600 (1.50×) | - |",
+        # One run of sse: no line.
+    ]
+    assert bench.across_runs(rows[-2:]) == []
