@@ -43,8 +43,8 @@ import resource
 import shutil
 import signal
 import socket
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -232,9 +232,8 @@ def start_nginx(mock_port, work, name="nginx"):
     port = free_port()
     # One worker per core it may use, as `auto` would choose on a machine of that size.
     workers = len(PROXY_CPUS) if PROXY_CPUS else os.cpu_count()
-    if name != "nginx":
-        work = os.path.join(work, name)
-        os.makedirs(work, exist_ok=True)
+    work = os.path.join(work, name)
+    os.makedirs(work, exist_ok=True)
     conf = nginx_conf(work, mock_port, port, workers)
     p = Proc(name, ["nginx", "-c", conf, "-p", work, "-g", "daemon off;"], port=port, cpus=PROXY_CPUS)
     wait_port(port)
@@ -324,6 +323,10 @@ def scenarios(quick):
     ]
 
 
+# The open-loop scenarios whose latency is judged against nginx's.
+LATENCY_SCENARIOS = ("json 1k/s", "json 5k/s", "sse 20 chunks 500/s")
+
+
 def verdicts(results):
     """Issue 5's targets for llmtap (capture on) against nginx, per run: Markdown lines.
 
@@ -358,7 +361,7 @@ def verdicts(results):
     # same way, with `--control`): how often the same proxy "misses" says what a single
     # round's verdict can resolve on this machine.
     for who in ("llmtap", "nginx-control"):
-        for sc in ("json 1k/s", "json 5k/s", "sse 20 chunks 500/s"):
+        for sc in LATENCY_SCENARIOS:
             def p50(run, sc=sc, who=who):
                 a, b = pair(sc, run, who)
                 if not a:
@@ -433,9 +436,8 @@ def across_runs(results):
     two runs."""
     targets = ("nginx", "llmtap", "nginx-control")
     lines = []
-    for sc in ("json 1k/s", "json 5k/s", "sse 20 chunks 500/s"):
-        p99 = {t: sorted(r["ttfb_ms"]["p99"] for r in results if r["scenario"] == sc and r["target"] == t)
-               for t in targets}
+    for sc in LATENCY_SCENARIOS:
+        p99 = {t: [r["ttfb_ms"]["p99"] for r in results if r["scenario"] == sc and r["target"] == t] for t in targets}
         if len(p99["nginx"]) < 2 or not p99["llmtap"]:
             continue
         med = {t: statistics.median(v) for t, v in p99.items() if v}
